@@ -1,0 +1,2 @@
+//! drover-e2e: the test bed.
+pub mod postgres;

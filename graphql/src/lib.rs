@@ -1,0 +1,15 @@
+//! drover-graphql: the GraphQL API of the hub — types, resolvers, DataLoaders, error codes and
+//! limits. It has no HTTP and no database in it: it reads the fleet through the [`FleetReader`]
+//! trait the hub implements, and [`build_schema`] is its entry point.
+
+pub mod error;
+pub mod events;
+pub mod loaders;
+pub mod model;
+pub mod reader;
+pub mod schema;
+
+pub use error::{classify_response_errors, ApiError, ErrorCode};
+pub use events::{InventoryEvent, InventoryEventKind};
+pub use reader::{FleetReader, ReadError};
+pub use schema::{build_schema, DroverSchema, SchemaLimits, MAX_PAGE_SIZE};

@@ -1,0 +1,1157 @@
+//! The schema: root fields (`fleet`, `clusters`, `cluster`, `virtualMachines`, `virtualMachine`,
+//! `migrations`, `migration`, subscription `inventoryEvents`), object types, filters, Relay
+//! pagination and the limits that keep a query's cost bounded. Resolvers stay thin: they
+//! validate arguments and read through loaders.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_graphql::connection::{Connection, Edge, EmptyFields};
+use async_graphql::{
+    Context, EmptyMutation, Enum, InputObject, InputValueError, InputValueResult, Object, Result,
+    Scalar, ScalarType, Schema, SimpleObject, Subscription, Value, ID,
+};
+use chrono::{DateTime, Utc};
+use drover_shared::inventory as inv;
+use drover_shared::labels::LabelSelector;
+use drover_shared::{ClusterName, Namespace, VmName};
+use futures::Stream;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::events::InventoryEvent;
+use crate::loaders::{Loaders, Reader, VmCountKey, VmPageKey};
+use crate::model::{self, *};
+
+/// The largest `first` any list accepts.
+pub const MAX_PAGE_SIZE: i32 = 100;
+/// What `first` is when a client leaves it out.
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
+
+pub type DroverSchema = Schema<Query, EmptyMutation, Subscription>;
+
+/// Limits on what one query may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct SchemaLimits {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    pub max_recursive_depth: usize,
+}
+
+impl Default for SchemaLimits {
+    fn default() -> Self {
+        // A portal's fleet page (100 clusters, each with nodes and 100 VMs with labels) costs
+        // about 150k; 300k leaves room for richer pages and refuses 100x100x100 fan-outs.
+        Self {
+            max_depth: 12,
+            max_complexity: 300_000,
+            max_recursive_depth: 32,
+        }
+    }
+}
+
+/// Builds the schema over a reader; `events` feeds subscriptions.
+pub fn build_schema(
+    reader: Reader,
+    events: broadcast::Sender<InventoryEvent>,
+    limits: SchemaLimits,
+) -> DroverSchema {
+    Schema::build(Query, EmptyMutation, Subscription)
+        .data(Loaders::new(reader.clone()))
+        .data(reader)
+        .data(events)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
+        .limit_recursive_depth(limits.max_recursive_depth)
+        .finish()
+}
+
+/// The schema's SDL, as checked in at `graphql/schema.graphql`.
+pub fn schema_sdl() -> String {
+    Schema::build(Query, EmptyMutation, Subscription)
+        .finish()
+        .sdl()
+}
+
+fn reader<'a>(ctx: &'a Context<'_>) -> &'a Reader {
+    ctx.data_unchecked::<Reader>()
+}
+
+fn loaders<'a>(ctx: &'a Context<'_>) -> &'a Loaders {
+    ctx.data_unchecked::<Loaders>()
+}
+
+/// A 64-bit integer (bytes, millicores, generations), sent as a JSON number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Long(pub i64);
+
+/// A 64-bit integer such as a size in bytes or CPU in millicores; a JSON number (exact up to
+/// 2^53).
+#[Scalar(name = "Long")]
+impl ScalarType for Long {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        match &value {
+            Value::Number(n) => n
+                .as_i64()
+                .map(Long)
+                .ok_or_else(|| InputValueError::custom("expected a whole number")),
+            Value::String(s) => s
+                .parse()
+                .map(Long)
+                .map_err(|_| InputValueError::custom("expected a whole number")),
+            _ => Err(InputValueError::expected_type(value)),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Number(self.0.into())
+    }
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "drover_shared::inventory::ClusterHealth")]
+pub enum ClusterHealth {
+    Ready,
+    Degraded,
+    Unreachable,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "drover_shared::inventory::RuntimeKind")]
+pub enum RuntimeKind {
+    Kubevirt,
+    Qemu,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "drover_shared::inventory::VmPhase")]
+pub enum VirtualMachinePhase {
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    Migrating,
+    Stopping,
+    WaitingForReceiver,
+    Failed,
+    Unknown,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "drover_shared::inventory::RunStrategy")]
+pub enum RunStrategy {
+    Always,
+    RerunOnFailure,
+    Manual,
+    Halted,
+    Once,
+    WaitAsReceiver,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "drover_shared::inventory::MigrationPhase")]
+pub enum MigrationPhase {
+    Pending,
+    Scheduling,
+    Scheduled,
+    PreparingTarget,
+    TargetReady,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(SimpleObject, Clone)]
+pub struct Label {
+    pub key: String,
+    pub value: String,
+}
+
+fn labels_list(map: &BTreeMap<String, String>) -> Vec<Label> {
+    map.iter()
+        .map(|(k, v)| Label {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+fn page_request(first: Option<i32>, after: Option<String>, parts: usize) -> Result<PageRequest> {
+    let first = first.unwrap_or(DEFAULT_PAGE_SIZE);
+    if !(0..=MAX_PAGE_SIZE).contains(&first) {
+        return Err(ApiError::new(
+            ErrorCode::PageTooLarge,
+            format!(
+                "first: {first} is outside 0..={MAX_PAGE_SIZE}; ask for at most {MAX_PAGE_SIZE} and page on with `after`"
+            ),
+        )
+        .into());
+    }
+    let after = after.map(|c| decode_cursor(&c, parts)).transpose()?;
+    Ok(PageRequest {
+        first: first as u32,
+        after,
+        with_labels: false,
+    })
+}
+
+/// Whether a virtual-machine connection's nodes ask for labels: then the page loads them with
+/// one query up front instead of one batch per scheduling tick.
+fn wants_vm_labels(ctx: &Context<'_>) -> bool {
+    let look = ctx.look_ahead();
+    look.field("edges").field("node").field("labels").exists()
+        || look.field("nodes").field("labels").exists()
+}
+
+fn parse_selector(selector: Option<String>) -> Result<Option<LabelSelector>, ApiError> {
+    selector
+        .map(|s| LabelSelector::parse(&s).map_err(|e| ApiError::bad_input(e.to_string())))
+        .transpose()
+        .map(|s| s.filter(|s| !s.is_empty()))
+}
+
+async fn cluster_id_by_name(ctx: &Context<'_>, name: &str) -> Result<ClusterRecord, ApiError> {
+    let name = ClusterName::new(name)?;
+    reader(ctx)
+        .clusters_by_name(&[name.to_string()])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "cluster \"{name}\" is not in the fleet; `clusters` lists the clusters there are"
+            ))
+        })
+}
+
+#[derive(InputObject, Default)]
+pub struct ClusterFilterInput {
+    /// Kubernetes label selector, e.g. "region=eu,tier in (gold,silver),!legacy".
+    pub label_selector: Option<String>,
+    pub health: Option<ClusterHealth>,
+    /// true: only cordoned clusters; false: only clusters not in maintenance.
+    pub maintenance: Option<bool>,
+}
+
+impl ClusterFilterInput {
+    fn into_filter(self) -> Result<ClusterFilter, ApiError> {
+        Ok(ClusterFilter {
+            label_selector: parse_selector(self.label_selector)?,
+            health: self.health.map(Into::into),
+            maintenance: self.maintenance,
+        })
+    }
+}
+
+#[derive(InputObject, Default)]
+pub struct VirtualMachineFilter {
+    /// Only this cluster's virtual machines.
+    pub cluster: Option<String>,
+    pub namespace: Option<String>,
+    /// Kubernetes label selector, e.g. "app=web,tier!=db".
+    pub label_selector: Option<String>,
+    pub phase: Option<VirtualMachinePhase>,
+    /// Only virtual machines on this node.
+    pub node: Option<String>,
+    pub migratable: Option<bool>,
+}
+
+/// Filter for a cluster's own virtual machines.
+#[derive(InputObject, Default)]
+pub struct ClusterVirtualMachineFilter {
+    pub namespace: Option<String>,
+    pub label_selector: Option<String>,
+    pub phase: Option<VirtualMachinePhase>,
+    pub node: Option<String>,
+    pub migratable: Option<bool>,
+}
+
+fn vm_filter(
+    namespace: Option<String>,
+    label_selector: Option<String>,
+    phase: Option<VirtualMachinePhase>,
+    node: Option<String>,
+    migratable: Option<bool>,
+) -> Result<VmFilter, ApiError> {
+    let namespace = namespace
+        .map(|n| Namespace::new(n).map(String::from))
+        .transpose()?;
+    if let Some(node) = &node {
+        drover_shared::ids::check_dns1123_subdomain("node name", node)?;
+    }
+    Ok(VmFilter {
+        cluster_id: None,
+        namespace,
+        label_selector: parse_selector(label_selector)?,
+        phase: phase.map(Into::into),
+        node,
+        migratable,
+    })
+}
+
+#[derive(InputObject, Default)]
+pub struct MigrationFilterInput {
+    /// Migrations from or to this cluster.
+    pub cluster: Option<String>,
+    pub phase: Option<MigrationPhase>,
+    pub evacuation_id: Option<ID>,
+}
+
+fn parse_uuid(what: &str, id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::bad_input(format!(
+            "{what}: {:?} is not a valid id (a UUID such as 0192c1f0-7a3b-7c4d-8e9f-0123456789ab)",
+            id.chars().take(80).collect::<String>()
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query root
+
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// Counts and totals for the whole fleet.
+    async fn fleet(&self, ctx: &Context<'_>) -> Result<Fleet> {
+        let summary = reader(ctx).fleet_summary().await.map_err(ApiError::from)?;
+        Ok(Fleet(summary))
+    }
+
+    /// Clusters ordered by name.
+    #[graphql(
+        complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
+    )]
+    async fn clusters(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<ClusterFilterInput>,
+    ) -> Result<Connection<String, Cluster, ClusterTotal>> {
+        let page = page_request(first, after, 1)?;
+        let filter = filter.unwrap_or_default().into_filter()?;
+        let result = reader(ctx)
+            .clusters(&filter, &page)
+            .await
+            .map_err(ApiError::from)?;
+        let mut conn = Connection::with_additional_fields(
+            page.after.is_some(),
+            result.has_next_page,
+            ClusterTotal { filter },
+        );
+        conn.edges.extend(
+            result
+                .items
+                .into_iter()
+                .map(|c| Edge::new(encode_cursor(&[&c.name]), Cluster(c))),
+        );
+        Ok(conn)
+    }
+
+    /// One cluster by name.
+    async fn cluster(&self, ctx: &Context<'_>, name: String) -> Result<Option<Cluster>> {
+        Ok(Some(Cluster(cluster_id_by_name(ctx, &name).await?)))
+    }
+
+    /// Virtual machines across the fleet ordered by cluster, namespace, name.
+    #[graphql(
+        complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
+    )]
+    async fn virtual_machines(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<VirtualMachineFilter>,
+    ) -> Result<Connection<String, VirtualMachine, VirtualMachineTotal>> {
+        let mut page = page_request(first, after, 3)?;
+        page.with_labels = wants_vm_labels(ctx);
+        let f = filter.unwrap_or_default();
+        let mut filter = vm_filter(f.namespace, f.label_selector, f.phase, f.node, f.migratable)?;
+        let mut cluster_names = BTreeMap::new();
+        if let Some(cluster) = f.cluster {
+            let c = cluster_id_by_name(ctx, &cluster).await?;
+            filter.cluster_id = Some(c.id);
+            cluster_names.insert(c.id, c.name);
+        }
+        let result = reader(ctx)
+            .vms(&filter, &page)
+            .await
+            .map_err(ApiError::from)?;
+        // The cursor needs each VM's cluster name; one batched load covers the page.
+        let missing: Vec<Uuid> = result
+            .items
+            .iter()
+            .map(|v| v.cluster_id)
+            .filter(|id| !cluster_names.contains_key(id))
+            .collect();
+        for (id, c) in loaders(ctx)
+            .cluster_by_id
+            .load_many(missing)
+            .await
+            .map_err(async_graphql::Error::from)?
+        {
+            cluster_names.insert(id, c.name);
+        }
+        let mut conn = Connection::with_additional_fields(
+            page.after.is_some(),
+            result.has_next_page,
+            VirtualMachineTotal {
+                cluster_id: None,
+                filter: Arc::new(filter),
+            },
+        );
+        conn.edges.extend(result.items.into_iter().map(|v| {
+            let cluster = cluster_names.get(&v.cluster_id).map_or("", String::as_str);
+            Edge::new(
+                encode_cursor(&[cluster, &v.namespace, &v.name]),
+                VirtualMachine(v),
+            )
+        }));
+        Ok(conn)
+    }
+
+    /// One virtual machine by cluster, namespace and name.
+    async fn virtual_machine(
+        &self,
+        ctx: &Context<'_>,
+        cluster: String,
+        namespace: String,
+        name: String,
+    ) -> Result<Option<VirtualMachine>> {
+        let namespace = Namespace::new(namespace).map_err(ApiError::from)?;
+        let name = VmName::new(name).map_err(ApiError::from)?;
+        let c = cluster_id_by_name(ctx, &cluster).await?;
+        let vm = reader(ctx)
+            .vm_by_ref(c.id, namespace.as_str(), name.as_str())
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "virtual machine {namespace}/{name} is not in cluster {cluster:?}; `virtualMachines(filter: {{cluster: \"{cluster}\"}})` lists what is there"
+                ))
+            })?;
+        Ok(Some(VirtualMachine(vm)))
+    }
+
+    /// Migrations, newest first.
+    #[graphql(
+        complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
+    )]
+    async fn migrations(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<MigrationFilterInput>,
+    ) -> Result<Connection<String, Migration, EmptyFields>> {
+        let page = page_request(first, after, 1)?;
+        let f = filter.unwrap_or_default();
+        let mut filter = MigrationFilter {
+            phase: f.phase.map(Into::into),
+            evacuation_id: f
+                .evacuation_id
+                .map(|id| parse_uuid("evacuationId", &id))
+                .transpose()?,
+            ..Default::default()
+        };
+        if let Some(cluster) = f.cluster {
+            filter.cluster_id = Some(cluster_id_by_name(ctx, &cluster).await?.id);
+        }
+        if let Some(after) = &page.after {
+            parse_uuid("after", &after[0])?;
+        }
+        let result = reader(ctx)
+            .migrations(&filter, &page)
+            .await
+            .map_err(ApiError::from)?;
+        let mut conn = Connection::new(page.after.is_some(), result.has_next_page);
+        conn.edges.extend(
+            result
+                .items
+                .into_iter()
+                .map(|m| Edge::new(encode_cursor(&[&m.id.to_string()]), Migration(m))),
+        );
+        Ok(conn)
+    }
+
+    /// One migration by id (the migrationID both sides share).
+    async fn migration(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Migration>> {
+        let id = parse_uuid("id", &id)?;
+        let m = reader(ctx)
+            .migrations_by_id(&[id])
+            .await
+            .map_err(ApiError::from)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::not_found(format!("migration {id} does not exist")))?;
+        Ok(Some(Migration(m)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fleet
+
+pub struct Fleet(FleetSummary);
+
+#[derive(SimpleObject)]
+pub struct ClusterCounts {
+    pub total: i32,
+    pub ready: i32,
+    pub degraded: i32,
+    pub unreachable: i32,
+    /// Clusters cordoned for maintenance, whatever their health.
+    pub in_maintenance: i32,
+}
+
+#[derive(SimpleObject)]
+pub struct PhaseCount {
+    pub phase: VirtualMachinePhase,
+    pub count: i32,
+}
+
+#[derive(SimpleObject)]
+pub struct VirtualMachineCounts {
+    pub total: i32,
+    pub running: i32,
+    /// Every phase with at least one virtual machine.
+    pub by_phase: Vec<PhaseCount>,
+    pub not_migratable: i32,
+    /// Memory the virtual machines are sized for, in bytes.
+    pub memory_bytes: Long,
+    pub vcpus: Long,
+}
+
+/// Resources summed over nodes.
+#[derive(SimpleObject, Clone, Copy)]
+pub struct Capacity {
+    pub nodes: i32,
+    pub allocatable_memory_bytes: Long,
+    pub requested_memory_bytes: Long,
+    pub allocatable_cpu_millis: Long,
+    pub requested_cpu_millis: Long,
+}
+
+impl From<model::Capacity> for Capacity {
+    fn from(c: model::Capacity) -> Self {
+        Self {
+            nodes: clamp_i32(c.nodes),
+            allocatable_memory_bytes: Long(c.allocatable_memory_bytes),
+            requested_memory_bytes: Long(c.requested_memory_bytes),
+            allocatable_cpu_millis: Long(c.allocatable_cpu_millis),
+            requested_cpu_millis: Long(c.requested_cpu_millis),
+        }
+    }
+}
+
+fn clamp_i32(n: i64) -> i32 {
+    n.clamp(0, i32::MAX as i64) as i32
+}
+
+#[Object]
+impl Fleet {
+    async fn clusters(&self) -> ClusterCounts {
+        let of = |h| {
+            self.0
+                .clusters_by_health
+                .iter()
+                .filter(|(x, _)| *x == h)
+                .map(|(_, n)| *n)
+                .sum::<i64>()
+        };
+        ClusterCounts {
+            total: clamp_i32(self.0.clusters_by_health.iter().map(|(_, n)| n).sum()),
+            ready: clamp_i32(of(inv::ClusterHealth::Ready)),
+            degraded: clamp_i32(of(inv::ClusterHealth::Degraded)),
+            unreachable: clamp_i32(of(inv::ClusterHealth::Unreachable)),
+            in_maintenance: clamp_i32(self.0.clusters_in_maintenance),
+        }
+    }
+
+    async fn virtual_machines(&self) -> VirtualMachineCounts {
+        VirtualMachineCounts {
+            total: clamp_i32(self.0.vms_by_phase.iter().map(|(_, n)| n).sum()),
+            running: clamp_i32(
+                self.0
+                    .vms_by_phase
+                    .iter()
+                    .filter(|(p, _)| *p == inv::VmPhase::Running)
+                    .map(|(_, n)| *n)
+                    .sum(),
+            ),
+            by_phase: self
+                .0
+                .vms_by_phase
+                .iter()
+                .map(|(p, n)| PhaseCount {
+                    phase: (*p).into(),
+                    count: clamp_i32(*n),
+                })
+                .collect(),
+            not_migratable: clamp_i32(self.0.vms_not_migratable),
+            memory_bytes: Long(self.0.vm_memory_bytes),
+            vcpus: Long(self.0.vm_vcpus),
+        }
+    }
+
+    async fn capacity(&self) -> Capacity {
+        self.0.capacity.into()
+    }
+
+    /// Migrations between Scheduling and Running.
+    async fn migrations_in_flight(&self) -> i32 {
+        clamp_i32(self.0.migrations_in_flight)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster
+
+pub struct Cluster(pub ClusterRecord);
+
+pub struct ClusterTotal {
+    filter: ClusterFilter,
+}
+
+#[Object]
+impl ClusterTotal {
+    /// How many clusters match the filter.
+    async fn total_count(&self, ctx: &Context<'_>) -> Result<i32> {
+        let n = reader(ctx)
+            .count_clusters(&self.filter)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(clamp_i32(n))
+    }
+}
+
+/// KubeVirt's live-migration limits and tuning for this cluster.
+#[derive(SimpleObject)]
+pub struct MigrationConfiguration {
+    pub parallel_migrations_per_cluster: i32,
+    pub parallel_outbound_migrations_per_node: i32,
+    /// Bytes per second per migration; 0 means unlimited.
+    pub bandwidth_per_migration: Long,
+    #[graphql(name = "completionTimeoutPerGiB")]
+    pub completion_timeout_per_gib: i32,
+    pub progress_timeout: i32,
+    pub allow_auto_converge: bool,
+    pub allow_post_copy: bool,
+}
+
+#[derive(SimpleObject)]
+pub struct StorageClass {
+    pub name: String,
+    pub provisioner: String,
+    pub is_default: bool,
+}
+
+#[Object]
+impl Cluster {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn runtime(&self) -> RuntimeKind {
+        self.0.runtime.into()
+    }
+
+    async fn platform_version(&self) -> &str {
+        &self.0.platform_version
+    }
+
+    async fn virtualization_version(&self) -> &str {
+        &self.0.virtualization_version
+    }
+
+    async fn labels(&self, ctx: &Context<'_>) -> Result<Vec<Label>> {
+        let labels = loaders(ctx).cluster_labels.load_one(self.0.id).await?;
+        Ok(labels.as_ref().map(labels_list).unwrap_or_default())
+    }
+
+    async fn cpu_models(&self) -> &[String] {
+        &self.0.cpu_models
+    }
+
+    async fn feature_gates(&self) -> &[String] {
+        &self.0.feature_gates
+    }
+
+    async fn migration_configuration(&self) -> MigrationConfiguration {
+        let c = &self.0.migration_config;
+        MigrationConfiguration {
+            parallel_migrations_per_cluster: c.parallel_migrations_per_cluster as i32,
+            parallel_outbound_migrations_per_node: c.parallel_outbound_migrations_per_node as i32,
+            bandwidth_per_migration: Long(c.bandwidth_per_migration as i64),
+            completion_timeout_per_gib: c.completion_timeout_per_gib as i32,
+            progress_timeout: c.progress_timeout as i32,
+            allow_auto_converge: c.allow_auto_converge,
+            allow_post_copy: c.allow_post_copy,
+        }
+    }
+
+    async fn storage_classes(&self) -> Vec<StorageClass> {
+        self.0
+            .storage_classes
+            .iter()
+            .map(|s| StorageClass {
+                name: s.name.clone(),
+                provisioner: s.provisioner.clone(),
+                is_default: s.is_default,
+            })
+            .collect()
+    }
+
+    async fn networks(&self) -> &[String] {
+        &self.0.networks
+    }
+
+    /// Where other clusters' agents reach this cluster's sync controller.
+    async fn sync_endpoint(&self) -> Option<&str> {
+        self.0.sync_endpoint.as_deref()
+    }
+
+    async fn health(&self) -> ClusterHealth {
+        self.0.health.into()
+    }
+
+    async fn last_heartbeat_at(&self) -> Option<DateTime<Utc>> {
+        self.0.last_heartbeat_at
+    }
+
+    /// Cordoned: nothing new is placed on the cluster.
+    async fn maintenance(&self) -> bool {
+        self.0.maintenance
+    }
+
+    async fn maintenance_since(&self) -> Option<DateTime<Utc>> {
+        self.0.maintenance_since
+    }
+
+    /// The generation of the last inventory the cluster's agent reported.
+    async fn inventory_generation(&self) -> Long {
+        Long(self.0.inventory_generation)
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+
+    async fn capacity(&self, ctx: &Context<'_>) -> Result<Capacity> {
+        let c = loaders(ctx).capacity.load_one(self.0.id).await?;
+        Ok(c.unwrap_or_default().into())
+    }
+
+    #[graphql(complexity = "10 * child_complexity")]
+    async fn nodes(&self, ctx: &Context<'_>) -> Result<Vec<Node>> {
+        let nodes = loaders(ctx).nodes.load_one(self.0.id).await?;
+        Ok(nodes.unwrap_or_default().into_iter().map(Node).collect())
+    }
+
+    /// This cluster's virtual machines ordered by namespace and name.
+    #[graphql(
+        complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
+    )]
+    async fn virtual_machines(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<ClusterVirtualMachineFilter>,
+    ) -> Result<Connection<String, VirtualMachine, VirtualMachineTotal>> {
+        let mut page = page_request(first, after, 2)?;
+        page.with_labels = wants_vm_labels(ctx);
+        let page = Arc::new(page);
+        let f = filter.unwrap_or_default();
+        let filter = Arc::new(vm_filter(
+            f.namespace,
+            f.label_selector,
+            f.phase,
+            f.node,
+            f.migratable,
+        )?);
+        let result = loaders(ctx)
+            .vm_pages
+            .load_one(VmPageKey {
+                cluster_id: self.0.id,
+                filter: filter.clone(),
+                page: page.clone(),
+            })
+            .await?
+            .unwrap_or_else(Page::empty);
+        let mut conn = Connection::with_additional_fields(
+            page.after.is_some(),
+            result.has_next_page,
+            VirtualMachineTotal {
+                cluster_id: Some(self.0.id),
+                filter,
+            },
+        );
+        conn.edges.extend(
+            result
+                .items
+                .into_iter()
+                .map(|v| Edge::new(encode_cursor(&[&v.namespace, &v.name]), VirtualMachine(v))),
+        );
+        Ok(conn)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node
+
+pub struct Node(NodeRecord);
+
+#[Object]
+impl Node {
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn cpu_model(&self) -> &str {
+        &self.0.cpu_model
+    }
+
+    async fn allocatable_memory_bytes(&self) -> Long {
+        Long(self.0.allocatable_memory_bytes)
+    }
+
+    async fn requested_memory_bytes(&self) -> Long {
+        Long(self.0.requested_memory_bytes)
+    }
+
+    async fn allocatable_cpu_millis(&self) -> Long {
+        Long(self.0.allocatable_cpu_millis)
+    }
+
+    async fn requested_cpu_millis(&self) -> Long {
+        Long(self.0.requested_cpu_millis)
+    }
+
+    async fn schedulable(&self) -> bool {
+        self.0.schedulable
+    }
+
+    async fn labels(&self) -> Vec<Label> {
+        labels_list(&self.0.labels)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VirtualMachine
+
+pub struct VirtualMachine(VmRecord);
+
+pub struct VirtualMachineTotal {
+    cluster_id: Option<Uuid>,
+    filter: Arc<VmFilter>,
+}
+
+#[Object]
+impl VirtualMachineTotal {
+    /// How many virtual machines match the filter.
+    async fn total_count(&self, ctx: &Context<'_>) -> Result<i32> {
+        let n = match self.cluster_id {
+            Some(cluster_id) => loaders(ctx)
+                .vm_counts
+                .load_one(VmCountKey {
+                    cluster_id,
+                    filter: self.filter.clone(),
+                })
+                .await?
+                .unwrap_or(0),
+            None => reader(ctx)
+                .count_vms(&self.filter)
+                .await
+                .map_err(ApiError::from)?,
+        };
+        Ok(clamp_i32(n))
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct Disk {
+    pub name: String,
+    pub size_bytes: Long,
+    pub storage_class: String,
+    pub access_mode: String,
+}
+
+#[derive(SimpleObject)]
+pub struct Interface {
+    pub name: String,
+    pub network: String,
+    pub mac_address: String,
+}
+
+#[Object]
+impl VirtualMachine {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    async fn cluster(&self, ctx: &Context<'_>) -> Result<Cluster> {
+        let c = loaders(ctx)
+            .cluster_by_id
+            .load_one(self.0.cluster_id)
+            .await?
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "virtual machine without cluster"))?;
+        Ok(Cluster(c))
+    }
+
+    async fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn uid(&self) -> &str {
+        &self.0.uid
+    }
+
+    async fn run_strategy(&self) -> RunStrategy {
+        self.0.run_strategy.into()
+    }
+
+    async fn phase(&self) -> VirtualMachinePhase {
+        self.0.phase.into()
+    }
+
+    /// The node the virtual machine runs on, if it runs.
+    async fn node(&self) -> Option<&str> {
+        self.0.node.as_deref()
+    }
+
+    async fn memory_bytes(&self) -> Long {
+        Long(self.0.memory_bytes)
+    }
+
+    async fn vcpus(&self) -> i32 {
+        self.0.vcpus
+    }
+
+    async fn disks(&self) -> Vec<Disk> {
+        self.0
+            .disks
+            .iter()
+            .map(|d| Disk {
+                name: d.name.clone(),
+                size_bytes: Long(d.size_bytes as i64),
+                storage_class: d.storage_class.clone(),
+                access_mode: d.access_mode.clone(),
+            })
+            .collect()
+    }
+
+    async fn interfaces(&self) -> Vec<Interface> {
+        self.0
+            .interfaces
+            .iter()
+            .map(|i| Interface {
+                name: i.name.clone(),
+                network: i.network.clone(),
+                mac_address: i.mac.clone(),
+            })
+            .collect()
+    }
+
+    async fn labels(&self, ctx: &Context<'_>) -> Result<Vec<Label>> {
+        if let Some(labels) = &self.0.labels {
+            return Ok(labels_list(labels));
+        }
+        let labels = loaders(ctx).vm_labels.load_one(self.0.id).await?;
+        Ok(labels.as_ref().map(labels_list).unwrap_or_default())
+    }
+
+    /// Whether the virtual machine can live-migrate at all.
+    async fn migratable(&self) -> bool {
+        self.0.migratable
+    }
+
+    /// Why it cannot (host devices, shareable disks, LUNs, virtiofs, ...).
+    async fn non_migratable_reasons(&self) -> &[String] {
+        &self.0.non_migratable_reasons
+    }
+
+    async fn generation(&self) -> Long {
+        Long(self.0.generation)
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migration
+
+pub struct Migration(MigrationRecord);
+
+#[derive(SimpleObject)]
+pub struct MigrationProgress {
+    pub bytes_total: Long,
+    pub bytes_transferred: Long,
+    pub bytes_remaining: Long,
+    pub dirty_rate_bytes_per_second: Long,
+    pub throughput_bytes_per_second: Long,
+}
+
+#[derive(SimpleObject)]
+pub struct PhaseTimestamp {
+    pub phase: MigrationPhase,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(SimpleObject)]
+pub struct MigratingVirtualMachine {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[Object]
+impl Migration {
+    /// The migrationID both sides of the migration share.
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    async fn virtual_machine(&self) -> MigratingVirtualMachine {
+        MigratingVirtualMachine {
+            namespace: self.0.vm_namespace.clone(),
+            name: self.0.vm_name.clone(),
+            uid: self.0.vm_uid.clone(),
+        }
+    }
+
+    async fn source_cluster(&self, ctx: &Context<'_>) -> Result<Option<Cluster>> {
+        let c = loaders(ctx)
+            .cluster_by_id
+            .load_one(self.0.source_cluster_id)
+            .await?;
+        Ok(c.map(Cluster))
+    }
+
+    async fn target_cluster(&self, ctx: &Context<'_>) -> Result<Option<Cluster>> {
+        let c = loaders(ctx)
+            .cluster_by_id
+            .load_one(self.0.target_cluster_id)
+            .await?;
+        Ok(c.map(Cluster))
+    }
+
+    async fn target_namespace(&self) -> &str {
+        &self.0.target_namespace
+    }
+
+    async fn phase(&self) -> MigrationPhase {
+        self.0.phase.into()
+    }
+
+    /// When each phase was entered.
+    async fn phase_timestamps(&self) -> Vec<PhaseTimestamp> {
+        let mut out: Vec<PhaseTimestamp> = self
+            .0
+            .phase_timestamps
+            .iter()
+            .filter_map(|(p, at)| {
+                inv::MigrationPhase::parse(p).map(|p| PhaseTimestamp {
+                    phase: p.into(),
+                    at: *at,
+                })
+            })
+            .collect();
+        out.sort_by_key(|t| t.at);
+        out
+    }
+
+    async fn progress(&self) -> MigrationProgress {
+        MigrationProgress {
+            bytes_total: Long(self.0.bytes_total),
+            bytes_transferred: Long(self.0.bytes_transferred),
+            bytes_remaining: Long(self.0.bytes_remaining),
+            dirty_rate_bytes_per_second: Long(self.0.dirty_rate_bytes_per_sec),
+            throughput_bytes_per_second: Long(self.0.throughput_bytes_per_sec),
+        }
+    }
+
+    async fn failure_reason(&self) -> Option<&str> {
+        self.0.failure_reason.as_deref()
+    }
+
+    async fn attempt(&self) -> i32 {
+        self.0.attempt
+    }
+
+    async fn evacuation_id(&self) -> Option<ID> {
+        self.0.evacuation_id.map(|id| ID(id.to_string()))
+    }
+
+    /// The OpenTelemetry trace id of this migration.
+    async fn trace_id(&self) -> Option<&str> {
+        self.0.trace_id.as_deref()
+    }
+
+    async fn requested_by(&self) -> &str {
+        &self.0.requested_by
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscription
+
+pub struct Subscription;
+
+#[Subscription]
+impl Subscription {
+    /// Inventory changes as they are committed, for one cluster or for all.
+    async fn inventory_events(
+        &self,
+        ctx: &Context<'_>,
+        cluster: Option<String>,
+    ) -> Result<impl Stream<Item = InventoryEvent>> {
+        let cluster = cluster
+            .map(|c| ClusterName::new(c).map(String::from))
+            .transpose()
+            .map_err(ApiError::from)?;
+        let rx = ctx
+            .data_unchecked::<broadcast::Sender<InventoryEvent>>()
+            .subscribe();
+        Ok(futures::stream::unfold(rx, move |mut rx| {
+            let cluster = cluster.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) if cluster.as_ref().is_none_or(|c| *c == ev.cluster) => {
+                            return Some((ev, rx))
+                        }
+                        Ok(_) => continue,
+                        // A slow subscriber misses events rather than holding the hub back.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,83 @@
+//! The assembled hub: store, ingest, GraphQL schema and HTTP router, and `serve`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_graphql::{build_schema, DroverSchema, InventoryEvent, SchemaLimits};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+use crate::ingest::Ingest;
+use crate::read::StoreReader;
+use crate::server::{self, App};
+use crate::store::{redact, Store, StoreError};
+
+#[derive(Clone)]
+pub struct Hub {
+    pub store: Store,
+    pub ingest: Ingest,
+    pub schema: DroverSchema,
+    pub events: broadcast::Sender<InventoryEvent>,
+}
+
+impl Hub {
+    /// Opens the store (migrating it) and assembles the hub around it.
+    pub async fn open(database_url: &str) -> Result<Self, StoreError> {
+        let store = Store::open(database_url).await?;
+        Ok(Self::with_store(store))
+    }
+
+    /// Opens the store, waiting for the database to come up (with backoff) for at most `wait`.
+    pub async fn open_waiting(database_url: &str, wait: Duration) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match Self::open(database_url).await {
+                Ok(hub) => return Ok(hub),
+                Err(e @ (StoreError::Connect { .. } | StoreError::Unavailable(_)))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::warn!(error = %e, url = %redact(database_url), retry_in = ?backoff, "database not reachable yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn with_store(store: Store) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let reader = Arc::new(StoreReader::new(store.clone()));
+        let schema = build_schema(reader, events.clone(), SchemaLimits::default());
+        let ingest = Ingest::new(store.clone(), events.clone());
+        Self {
+            store,
+            ingest,
+            schema,
+            events,
+        }
+    }
+
+    pub fn router(&self) -> axum::Router {
+        server::router(Arc::new(App {
+            schema: self.schema.clone(),
+            store: self.store.clone(),
+            metrics: server::metrics_handle(),
+        }))
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr: Option<SocketAddr> = listener.local_addr().ok();
+        tracing::info!(?addr, "drover-hub serving");
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

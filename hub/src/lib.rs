@@ -1,0 +1,11 @@
+//! drover-hub: the hub of a Drover fleet — the inventory store (PostgreSQL or an embedded SQLite
+//! file), inventory ingest, the GraphQL API's reader, the HTTP server and the seeding command.
+
+pub mod hub;
+pub mod ingest;
+pub mod read;
+pub mod seed;
+pub mod server;
+pub mod store;
+
+pub use hub::Hub;

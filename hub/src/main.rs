@@ -1,0 +1,178 @@
+//! `drover-hub`: serve the hub (the default command) or seed a synthetic fleet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use drover_hub::seed::SeedPlan;
+use drover_hub::store::{redact, sqlite_url};
+use drover_hub::Hub;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Drover's hub: fleet inventory, GraphQL API, migration orchestration"
+)]
+struct Cli {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DatabaseArgs {
+    /// PostgreSQL URL (postgres://user:password@host/db). Without it the hub keeps an embedded
+    /// SQLite file in --data-dir.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Where the embedded database and other state live.
+    #[arg(
+        long,
+        env = "DROVER_DATA_DIR",
+        default_value = "./drover-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// How long to wait for the database at start-up.
+    #[arg(
+        long,
+        env = "DROVER_DATABASE_WAIT_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    database_wait_secs: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the GraphQL API and health endpoints (the default).
+    Serve,
+    /// Load a synthetic fleet through the ingest path, for demos and benchmarks.
+    Seed(SeedArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "DROVER_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct SeedArgs {
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    clusters: u32,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    vms_per_cluster: u32,
+    /// Random seed: the same seed gives the same fleet.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl DatabaseArgs {
+    fn url(&self) -> anyhow::Result<String> {
+        match &self.database_url {
+            Some(url) => Ok(url.clone()),
+            None => {
+                std::fs::create_dir_all(&self.data_dir).with_context(|| {
+                    format!(
+                        "cannot create data directory {}; pass --data-dir with a writable path",
+                        self.data_dir.display()
+                    )
+                })?;
+                Ok(sqlite_url(&self.data_dir))
+            }
+        }
+    }
+
+    async fn open(&self) -> anyhow::Result<Hub> {
+        let url = self.url()?;
+        tracing::info!(database = %redact(&url), "opening inventory store");
+        Hub::open_waiting(&url, Duration::from_secs(self.database_wait_secs))
+            .await
+            .context("cannot open the inventory store")
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    drover_shared::telemetry::init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let args = cli.serve;
+            let hub = cli.db.open().await?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {}; is another process using it? pass --listen",
+                        args.listen
+                    )
+                })?;
+            let addr = listener.local_addr()?;
+            println!("drover-hub listening on http://{addr}");
+            println!("  GraphiQL:  http://{addr}/graphql   (try: {{ fleet {{ clusters {{ total ready }} virtualMachines {{ total running }} }} }})");
+            println!("  health:    http://{addr}/healthz  http://{addr}/readyz  metrics: http://{addr}/metrics");
+            hub.serve(listener, shutdown_signal()).await?;
+        }
+        Command::Seed(args) => {
+            let hub = cli.db.open().await?;
+            let plan = SeedPlan {
+                clusters: args.clusters as usize,
+                vms_per_cluster: args.vms_per_cluster as usize,
+                seed: args.seed,
+            };
+            let started = std::time::Instant::now();
+            let total = plan.clusters;
+            let report = drover_hub::seed::seed(&hub.ingest, &plan, |done| {
+                if done % 50 == 0 || done == total {
+                    eprintln!("seeded {done}/{total} clusters");
+                }
+            })
+            .await
+            .context("seeding failed; nothing of the failing cluster was written")?;
+            println!(
+                "seeded {} clusters, {} nodes, {} virtual machines ({} not migratable; {} degraded, {} unreachable, {} in maintenance) in {:.1}s",
+                report.clusters,
+                report.nodes,
+                report.vms,
+                report.not_migratable,
+                report.degraded,
+                report.unreachable,
+                report.in_maintenance,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

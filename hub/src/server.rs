@@ -1,0 +1,156 @@
+//! The hub's HTTP surface, every route in one place: `/graphql` (GraphiQL on GET, queries on
+//! POST, subscriptions over WebSocket at `/graphql/ws`), `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql_axum::GraphQLSubscription;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use drover_graphql::{classify_response_errors, DroverSchema, ErrorCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::store::Store;
+
+/// The largest request body `/graphql` reads.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// The longest query text it executes.
+pub const MAX_QUERY_CHARS: usize = 32 * 1024;
+
+pub struct App {
+    pub schema: DroverSchema,
+    pub store: Store,
+    pub metrics: PrometheusHandle,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<App>);
+
+/// The process-wide Prometheus recorder (installed once, however many hubs a test starts).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding program; then ours
+            // still renders what this hub registers through the handle's own registry.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let subscriptions = GraphQLSubscription::new(app.schema.clone());
+    Router::new()
+        .route("/", get(|| async { Redirect::temporary("/graphql") }))
+        .route("/graphql", get(graphiql).post(graphql))
+        .route_service("/graphql/ws", subscriptions)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState(app))
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .title("Drover")
+            .finish(),
+    )
+}
+
+fn graphql_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
+    let body = serde_json::json!({
+        "data": null,
+        "errors": [{"message": message, "extensions": {"code": code.as_str()}}],
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn graphql(State(AppState(app)): State<AppState>, body: Body) -> Response {
+    let started = Instant::now();
+    let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            metrics::counter!("drover_graphql_requests_total", "result" => "rejected").increment(1);
+            return graphql_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::QueryTooLarge,
+                format!("request body is larger than {MAX_REQUEST_BYTES} bytes; send a smaller query (use variables and pagination)"),
+            );
+        }
+    };
+    let request: async_graphql::Request = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!("drover_graphql_requests_total", "result" => "rejected").increment(1);
+            return graphql_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUserInput,
+                format!("request body is not a GraphQL request ({e}); POST JSON like {{\"query\": \"{{ fleet {{ clusters {{ total }} }} }}\"}}"),
+            );
+        }
+    };
+    if request.query.len() > MAX_QUERY_CHARS {
+        metrics::counter!("drover_graphql_requests_total", "result" => "rejected").increment(1);
+        return graphql_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::QueryTooLarge,
+            format!(
+                "query text is {} characters, more than {MAX_QUERY_CHARS}; send a smaller query",
+                request.query.len()
+            ),
+        );
+    }
+    let mut response = app.schema.execute(request).await;
+    classify_response_errors(&mut response);
+    let result = if response.errors.is_empty() {
+        "ok"
+    } else {
+        "error"
+    };
+    metrics::counter!("drover_graphql_requests_total", "result" => result).increment(1);
+    metrics::histogram!("drover_graphql_request_seconds").record(started.elapsed().as_secs_f64());
+    let body = match serde_json::to_vec(&response) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "serializing a GraphQL response failed");
+            return graphql_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "serializing the response failed; the hub's log has details".into(),
+            );
+        }
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn readyz(State(AppState(app)): State<AppState>) -> Response {
+    match app.store.ping(Duration::from_secs(2)).await {
+        Ok(()) => {
+            metrics::gauge!("drover_database_up").set(1.0);
+            (StatusCode::OK, "ready\n").into_response()
+        }
+        Err(e) => {
+            metrics::gauge!("drover_database_up").set(0.0);
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+        }
+    }
+}
+
+async fn render_metrics(State(AppState(app)): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,169 @@
+//! sea-orm entities for the inventory tables the hub reads and writes row by row.
+
+pub mod cluster {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "clusters")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub name: String,
+        pub runtime: String,
+        pub platform_version: String,
+        pub virtualization_version: String,
+        pub cpu_models: Json,
+        pub feature_gates: Json,
+        pub migration_config: Json,
+        pub storage_classes: Json,
+        pub networks: Json,
+        pub sync_endpoint: Option<String>,
+        pub health: String,
+        pub last_heartbeat_at: Option<DateTimeUtc>,
+        pub maintenance: bool,
+        pub maintenance_since: Option<DateTimeUtc>,
+        pub inventory_generation: i64,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod cluster_label {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "cluster_labels")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub cluster_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod node {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "nodes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub cluster_id: Uuid,
+        pub name: String,
+        pub cpu_model: String,
+        pub allocatable_memory_bytes: i64,
+        pub allocatable_cpu_millis: i64,
+        pub requested_memory_bytes: i64,
+        pub requested_cpu_millis: i64,
+        pub schedulable: bool,
+        pub labels: Json,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod vm {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "virtual_machines")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub cluster_id: Uuid,
+        pub namespace: String,
+        pub name: String,
+        pub uid: String,
+        pub run_strategy: String,
+        pub phase: String,
+        pub node_name: Option<String>,
+        pub memory_bytes: i64,
+        pub vcpus: i32,
+        pub disks: Json,
+        pub interfaces: Json,
+        pub migratable: bool,
+        pub non_migratable_reasons: Json,
+        pub generation: i64,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod vm_label {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "vm_labels")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub vm_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod migration {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "migrations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub vm_namespace: String,
+        pub vm_name: String,
+        pub vm_uid: String,
+        pub source_cluster_id: Uuid,
+        pub target_cluster_id: Uuid,
+        pub target_namespace: String,
+        pub storage_class_map: Json,
+        pub network_map: Json,
+        pub phase: String,
+        pub phase_timestamps: Json,
+        pub bytes_total: i64,
+        pub bytes_transferred: i64,
+        pub bytes_remaining: i64,
+        pub dirty_rate_bytes_per_sec: i64,
+        pub throughput_bytes_per_sec: i64,
+        pub failure_reason: Option<String>,
+        pub attempt: i32,
+        pub evacuation_id: Option<Uuid>,
+        pub trace_id: Option<String>,
+        pub requested_by: String,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub finished_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

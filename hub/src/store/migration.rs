@@ -1,0 +1,381 @@
+//! The inventory schema and its migrations. Each migration is frozen once released: later
+//! changes come as new migrations, never as edits to old ones.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001Inventory)]
+    }
+}
+
+fn a(name: &str) -> Alias {
+    Alias::new(name)
+}
+
+/// Foreign key from `table.column` to `parent.id`, deleted with its parent.
+fn fk(table: &str, column: &str, parent: &str) -> ForeignKeyCreateStatement {
+    ForeignKey::create()
+        .name(format!("fk_{table}_{column}"))
+        .from(a(table), a(column))
+        .to(a(parent), a("id"))
+        .on_delete(ForeignKeyAction::Cascade)
+        .to_owned()
+}
+
+/// A 64-bit auto-increment key; SQLite only auto-increments an INTEGER PRIMARY KEY.
+fn big_pk_auto(m: &SchemaManager, column: &str) -> ColumnDef {
+    match m.get_database_backend() {
+        sea_orm::DatabaseBackend::Sqlite => pk_auto(a(column)),
+        _ => big_integer(a(column))
+            .auto_increment()
+            .primary_key()
+            .to_owned(),
+    }
+}
+
+fn index(table: &str, name: &str, columns: &[&str], unique: bool) -> IndexCreateStatement {
+    let mut idx = Index::create();
+    idx.name(format!("ix_{table}_{name}")).table(a(table));
+    for c in columns {
+        idx.col(a(c));
+    }
+    if unique {
+        idx.unique();
+    }
+    idx.to_owned()
+}
+
+struct M0001Inventory;
+
+impl MigrationName for M0001Inventory {
+    fn name(&self) -> &str {
+        "m0001_inventory"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001Inventory {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("clusters"))
+                .col(pk_uuid(a("id")))
+                .col(string_len_uniq(a("name"), 63))
+                .col(string_len(a("runtime"), 16))
+                .col(string_len(a("platform_version"), 64))
+                .col(string_len(a("virtualization_version"), 64))
+                .col(json_binary(a("cpu_models")))
+                .col(json_binary(a("feature_gates")))
+                .col(json_binary(a("migration_config")))
+                .col(json_binary(a("storage_classes")))
+                .col(json_binary(a("networks")))
+                .col(text_null(a("sync_endpoint")))
+                .col(string_len(a("health"), 16))
+                .col(timestamp_with_time_zone_null(a("last_heartbeat_at")))
+                .col(boolean(a("maintenance")))
+                .col(timestamp_with_time_zone_null(a("maintenance_since")))
+                .col(big_integer(a("inventory_generation")))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone(a("updated_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("cluster_labels"))
+                .col(uuid(a("cluster_id")))
+                .col(string_len(a("key"), 317))
+                .col(string_len(a("value"), 63))
+                .primary_key(Index::create().col(a("cluster_id")).col(a("key")))
+                .foreign_key(&mut fk("cluster_labels", "cluster_id", "clusters"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "cluster_labels",
+            "key_value",
+            &["key", "value"],
+            false,
+        ))
+        .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("nodes"))
+                .col(pk_uuid(a("id")))
+                .col(uuid(a("cluster_id")))
+                .col(string_len(a("name"), 253))
+                .col(string_len(a("cpu_model"), 128))
+                .col(big_integer(a("allocatable_memory_bytes")))
+                .col(big_integer(a("allocatable_cpu_millis")))
+                .col(big_integer(a("requested_memory_bytes")))
+                .col(big_integer(a("requested_cpu_millis")))
+                .col(boolean(a("schedulable")))
+                .col(json_binary(a("labels")))
+                .col(timestamp_with_time_zone(a("updated_at")))
+                .foreign_key(&mut fk("nodes", "cluster_id", "clusters"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "nodes",
+            "cluster_name",
+            &["cluster_id", "name"],
+            true,
+        ))
+        .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("virtual_machines"))
+                .col(pk_uuid(a("id")))
+                .col(uuid(a("cluster_id")))
+                .col(string_len(a("namespace"), 63))
+                .col(string_len(a("name"), 63))
+                .col(string_len(a("uid"), 128))
+                .col(string_len(a("run_strategy"), 32))
+                .col(string_len(a("phase"), 32))
+                .col(string_len_null(a("node_name"), 253))
+                .col(big_integer(a("memory_bytes")))
+                .col(integer(a("vcpus")))
+                .col(json_binary(a("disks")))
+                .col(json_binary(a("interfaces")))
+                .col(boolean(a("migratable")))
+                .col(json_binary(a("non_migratable_reasons")))
+                .col(big_integer(a("generation")))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone(a("updated_at")))
+                .foreign_key(&mut fk("virtual_machines", "cluster_id", "clusters"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "virtual_machines",
+            "cluster_namespace_name",
+            &["cluster_id", "namespace", "name"],
+            true,
+        ))
+        .await?;
+        m.create_index(index("virtual_machines", "phase", &["phase"], false))
+            .await?;
+        m.create_index(index("virtual_machines", "uid", &["uid"], false))
+            .await?;
+        m.create_index(index(
+            "virtual_machines",
+            "cluster_node",
+            &["cluster_id", "node_name"],
+            false,
+        ))
+        .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("vm_labels"))
+                .col(uuid(a("vm_id")))
+                .col(string_len(a("key"), 317))
+                .col(string_len(a("value"), 63))
+                .primary_key(Index::create().col(a("vm_id")).col(a("key")))
+                .foreign_key(&mut fk("vm_labels", "vm_id", "virtual_machines"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("vm_labels", "key_value", &["key", "value"], false))
+            .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("evacuations"))
+                .col(pk_uuid(a("id")))
+                .col(string_len(a("kind"), 16))
+                .col(uuid_null(a("cluster_id")))
+                .col(string_len(a("state"), 32))
+                .col(json_binary(a("plan")))
+                .col(json_binary(a("limits")))
+                .col(json_binary(a("counters")))
+                .col(timestamp_with_time_zone_null(a("deadline")))
+                .col(uuid_null(a("schedule_id")))
+                .col(string_len(a("created_by"), 253))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone_null(a("started_at")))
+                .col(timestamp_with_time_zone_null(a("finished_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("evacuations", "state", &["state"], false))
+            .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("migrations"))
+                .col(pk_uuid(a("id")))
+                .col(string_len(a("vm_namespace"), 63))
+                .col(string_len(a("vm_name"), 63))
+                .col(string_len(a("vm_uid"), 128))
+                .col(uuid(a("source_cluster_id")))
+                .col(uuid(a("target_cluster_id")))
+                .col(string_len(a("target_namespace"), 63))
+                .col(json_binary(a("storage_class_map")))
+                .col(json_binary(a("network_map")))
+                .col(string_len(a("phase"), 32))
+                .col(json_binary(a("phase_timestamps")))
+                .col(big_integer(a("bytes_total")))
+                .col(big_integer(a("bytes_transferred")))
+                .col(big_integer(a("bytes_remaining")))
+                .col(big_integer(a("dirty_rate_bytes_per_sec")))
+                .col(big_integer(a("throughput_bytes_per_sec")))
+                .col(text_null(a("failure_reason")))
+                .col(integer(a("attempt")))
+                .col(uuid_null(a("evacuation_id")))
+                .col(string_len_null(a("trace_id"), 32))
+                .col(string_len(a("requested_by"), 253))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone(a("updated_at")))
+                .col(timestamp_with_time_zone_null(a("finished_at")))
+                .foreign_key(&mut fk("migrations", "source_cluster_id", "clusters"))
+                .foreign_key(&mut fk("migrations", "target_cluster_id", "clusters"))
+                .foreign_key(&mut fk("migrations", "evacuation_id", "evacuations"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("migrations", "phase", &["phase"], false))
+            .await?;
+        m.create_index(index("migrations", "vm_uid", &["vm_uid"], false))
+            .await?;
+        m.create_index(index("migrations", "source", &["source_cluster_id"], false))
+            .await?;
+        m.create_index(index("migrations", "target", &["target_cluster_id"], false))
+            .await?;
+        m.create_index(index("migrations", "evacuation", &["evacuation_id"], false))
+            .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("migration_events"))
+                .col(big_pk_auto(m, "id"))
+                .col(uuid(a("migration_id")))
+                .col(timestamp_with_time_zone(a("at")))
+                .col(string_len(a("kind"), 32))
+                .col(string_len_null(a("phase"), 32))
+                .col(text(a("message")))
+                .col(json_binary(a("data")))
+                .foreign_key(&mut fk("migration_events", "migration_id", "migrations"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "migration_events",
+            "migration",
+            &["migration_id", "id"],
+            false,
+        ))
+        .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("schedules"))
+                .col(pk_uuid(a("id")))
+                .col(string_len_uniq(a("name"), 63))
+                .col(string_len(a("cron"), 128))
+                .col(string_len(a("time_zone"), 64))
+                .col(big_integer(a("window_seconds")))
+                .col(big_integer_null(a("deadline_seconds")))
+                .col(uuid(a("cluster_id")))
+                .col(json_binary(a("options")))
+                .col(boolean(a("enabled")))
+                .col(timestamp_with_time_zone_null(a("next_run_at")))
+                .col(string_len(a("created_by"), 253))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .foreign_key(&mut fk("schedules", "cluster_id", "clusters"))
+                .to_owned(),
+        )
+        .await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("join_tokens"))
+                .col(pk_uuid(a("id")))
+                .col(string_len(a("cluster_name"), 63))
+                .col(string_len_uniq(a("token_hash"), 128))
+                .col(timestamp_with_time_zone(a("expires_at")))
+                .col(timestamp_with_time_zone_null(a("used_at")))
+                .col(string_len(a("created_by"), 253))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("agent_certificates"))
+                .col(string_len(a("serial"), 64).primary_key())
+                .col(string_len(a("cluster_name"), 63))
+                .col(string_len(a("fingerprint_sha256"), 64))
+                .col(timestamp_with_time_zone(a("not_before")))
+                .col(timestamp_with_time_zone(a("not_after")))
+                .col(timestamp_with_time_zone_null(a("revoked_at")))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "agent_certificates",
+            "cluster",
+            &["cluster_name"],
+            false,
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("api_tokens"))
+                .col(pk_uuid(a("id")))
+                .col(string_len(a("name"), 253))
+                .col(string_len_uniq(a("token_hash"), 128))
+                .col(string_len(a("role"), 16))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone_null(a("revoked_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("audit_log"))
+                .col(big_pk_auto(m, "id"))
+                .col(timestamp_with_time_zone(a("at")))
+                .col(string_len(a("actor"), 253))
+                .col(string_len(a("action"), 64))
+                .col(text(a("target")))
+                .col(string_len(a("result"), 16))
+                .col(json_binary(a("details")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("audit_log", "at", &["at"], false))
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            "audit_log",
+            "api_tokens",
+            "agent_certificates",
+            "join_tokens",
+            "schedules",
+            "migration_events",
+            "migrations",
+            "evacuations",
+            "vm_labels",
+            "virtual_machines",
+            "nodes",
+            "cluster_labels",
+            "clusters",
+        ] {
+            m.drop_table(Table::drop().table(a(t)).to_owned()).await?;
+        }
+        Ok(())
+    }
+}
