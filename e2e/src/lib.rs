@@ -1,2 +1,5 @@
-//! drover-e2e: the test bed.
+//! drover-e2e: the test bed (throwaway PostgreSQL, hubs on fresh stores, real binaries,
+//! fixtures) and the end-to-end and benchmark suites that use it.
+
 pub mod postgres;
+pub mod testbed;

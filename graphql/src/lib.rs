@@ -2,9 +2,9 @@
 //! limits. It has no HTTP and no database in it: it reads the fleet through the [`FleetReader`]
 //! trait the hub implements, and [`build_schema`] is its entry point.
 
+pub mod batch;
 pub mod error;
 pub mod events;
-pub mod loaders;
 pub mod model;
 pub mod reader;
 pub mod schema;

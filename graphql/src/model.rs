@@ -68,8 +68,6 @@ pub struct VmRecord {
     pub non_migratable_reasons: Vec<String>,
     pub generation: i64,
     pub updated_at: DateTime<Utc>,
-    /// Labels, when the page was fetched with them (see [`PageRequest::with_labels`]).
-    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// Allocatable and requested resources, summed over nodes.
@@ -153,9 +151,6 @@ pub struct PageRequest {
     pub first: u32,
     /// The sort key of the last item already seen; its shape depends on the list.
     pub after: Option<Vec<String>>,
-    /// Fetch the items' labels with the page (one more query for the whole page) because the
-    /// client asked for them; used for virtual machines.
-    pub with_labels: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! The schema: root fields (`fleet`, `clusters`, `cluster`, `virtualMachines`, `virtualMachine`,
 //! `migrations`, `migration`, subscription `inventoryEvents`), object types, filters, Relay
 //! pagination and the limits that keep a query's cost bounded. Resolvers stay thin: they
-//! validate arguments and read through loaders.
+//! validate arguments and read through sibling batches (see `batch`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,9 +19,9 @@ use futures::Stream;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::batch::{ClusterBatch, ClusterRefs, Reader, VmBatch};
 use crate::error::{ApiError, ErrorCode};
 use crate::events::InventoryEvent;
-use crate::loaders::{Loaders, Reader, VmCountKey, VmPageKey};
 use crate::model::{self, *};
 
 /// The largest `first` any list accepts.
@@ -58,7 +58,6 @@ pub fn build_schema(
     limits: SchemaLimits,
 ) -> DroverSchema {
     Schema::build(Query, EmptyMutation, Subscription)
-        .data(Loaders::new(reader.clone()))
         .data(reader)
         .data(events)
         .limit_depth(limits.max_depth)
@@ -76,10 +75,6 @@ pub fn schema_sdl() -> String {
 
 fn reader<'a>(ctx: &'a Context<'_>) -> &'a Reader {
     ctx.data_unchecked::<Reader>()
-}
-
-fn loaders<'a>(ctx: &'a Context<'_>) -> &'a Loaders {
-    ctx.data_unchecked::<Loaders>()
 }
 
 /// A 64-bit integer (bytes, millicores, generations), sent as a JSON number.
@@ -195,16 +190,7 @@ fn page_request(first: Option<i32>, after: Option<String>, parts: usize) -> Resu
     Ok(PageRequest {
         first: first as u32,
         after,
-        with_labels: false,
     })
-}
-
-/// Whether a virtual-machine connection's nodes ask for labels: then the page loads them with
-/// one query up front instead of one batch per scheduling tick.
-fn wants_vm_labels(ctx: &Context<'_>) -> bool {
-    let look = ctx.look_ahead();
-    look.field("edges").field("node").field("labels").exists()
-        || look.field("nodes").field("labels").exists()
 }
 
 fn parse_selector(selector: Option<String>) -> Result<Option<LabelSelector>, ApiError> {
@@ -340,6 +326,10 @@ impl Query {
             .clusters(&filter, &page)
             .await
             .map_err(ApiError::from)?;
+        let batch = ClusterBatch::new(
+            reader(ctx).clone(),
+            result.items.iter().map(|c| c.id).collect(),
+        );
         let mut conn = Connection::with_additional_fields(
             page.after.is_some(),
             result.has_next_page,
@@ -349,14 +339,16 @@ impl Query {
             result
                 .items
                 .into_iter()
-                .map(|c| Edge::new(encode_cursor(&[&c.name]), Cluster(c))),
+                .map(|c| Edge::new(encode_cursor(&[&c.name]), Cluster(c, batch.clone()))),
         );
         Ok(conn)
     }
 
     /// One cluster by name.
     async fn cluster(&self, ctx: &Context<'_>, name: String) -> Result<Option<Cluster>> {
-        Ok(Some(Cluster(cluster_id_by_name(ctx, &name).await?)))
+        let c = cluster_id_by_name(ctx, &name).await?;
+        let batch = ClusterBatch::new(reader(ctx).clone(), vec![c.id]);
+        Ok(Some(Cluster(c, batch)))
     }
 
     /// Virtual machines across the fleet ordered by cluster, namespace, name.
@@ -370,50 +362,33 @@ impl Query {
         after: Option<String>,
         filter: Option<VirtualMachineFilter>,
     ) -> Result<Connection<String, VirtualMachine, VirtualMachineTotal>> {
-        let mut page = page_request(first, after, 3)?;
-        page.with_labels = wants_vm_labels(ctx);
+        let page = page_request(first, after, 3)?;
         let f = filter.unwrap_or_default();
         let mut filter = vm_filter(f.namespace, f.label_selector, f.phase, f.node, f.migratable)?;
-        let mut cluster_names = BTreeMap::new();
         if let Some(cluster) = f.cluster {
-            let c = cluster_id_by_name(ctx, &cluster).await?;
-            filter.cluster_id = Some(c.id);
-            cluster_names.insert(c.id, c.name);
+            filter.cluster_id = Some(cluster_id_by_name(ctx, &cluster).await?.id);
         }
         let result = reader(ctx)
             .vms(&filter, &page)
             .await
             .map_err(ApiError::from)?;
-        // The cursor needs each VM's cluster name; one batched load covers the page.
-        let missing: Vec<Uuid> = result
-            .items
-            .iter()
-            .map(|v| v.cluster_id)
-            .filter(|id| !cluster_names.contains_key(id))
-            .collect();
-        for (id, c) in loaders(ctx)
-            .cluster_by_id
-            .load_many(missing)
-            .await
-            .map_err(async_graphql::Error::from)?
-        {
-            cluster_names.insert(id, c.name);
-        }
+        let batch = VmBatch::new(reader(ctx).clone(), &result.items);
         let mut conn = Connection::with_additional_fields(
             page.after.is_some(),
             result.has_next_page,
             VirtualMachineTotal {
-                cluster_id: None,
-                filter: Arc::new(filter),
+                cluster: None,
+                filter,
             },
         );
-        conn.edges.extend(result.items.into_iter().map(|v| {
-            let cluster = cluster_names.get(&v.cluster_id).map_or("", String::as_str);
-            Edge::new(
-                encode_cursor(&[cluster, &v.namespace, &v.name]),
-                VirtualMachine(v),
-            )
-        }));
+        for v in result.items {
+            // The cursor needs the cluster's name: one query for the whole page.
+            let (cluster, _) = batch.clusters.require(v.cluster_id).await?;
+            conn.edges.push(Edge::new(
+                encode_cursor(&[&cluster.name, &v.namespace, &v.name]),
+                VirtualMachine(v, batch.clone()),
+            ));
+        }
         Ok(conn)
     }
 
@@ -437,7 +412,8 @@ impl Query {
                     "virtual machine {namespace}/{name} is not in cluster {cluster:?}; `virtualMachines(filter: {{cluster: \"{cluster}\"}})` lists what is there"
                 ))
             })?;
-        Ok(Some(VirtualMachine(vm)))
+        let batch = VmBatch::new(reader(ctx).clone(), [&vm]);
+        Ok(Some(VirtualMachine(vm, batch)))
     }
 
     /// Migrations, newest first.
@@ -471,13 +447,20 @@ impl Query {
             .migrations(&filter, &page)
             .await
             .map_err(ApiError::from)?;
-        let mut conn = Connection::new(page.after.is_some(), result.has_next_page);
-        conn.edges.extend(
+        let clusters = Arc::new(ClusterRefs::new(
+            reader(ctx).clone(),
             result
                 .items
-                .into_iter()
-                .map(|m| Edge::new(encode_cursor(&[&m.id.to_string()]), Migration(m))),
-        );
+                .iter()
+                .flat_map(|m| [m.source_cluster_id, m.target_cluster_id]),
+        ));
+        let mut conn = Connection::new(page.after.is_some(), result.has_next_page);
+        conn.edges.extend(result.items.into_iter().map(|m| {
+            Edge::new(
+                encode_cursor(&[&m.id.to_string()]),
+                Migration(m, clusters.clone()),
+            )
+        }));
         Ok(conn)
     }
 
@@ -491,7 +474,11 @@ impl Query {
             .into_iter()
             .next()
             .ok_or_else(|| ApiError::not_found(format!("migration {id} does not exist")))?;
-        Ok(Some(Migration(m)))
+        let clusters = Arc::new(ClusterRefs::new(
+            reader(ctx).clone(),
+            [m.source_cluster_id, m.target_cluster_id],
+        ));
+        Ok(Some(Migration(m, clusters)))
     }
 }
 
@@ -613,7 +600,7 @@ impl Fleet {
 // ---------------------------------------------------------------------------------------------
 // Cluster
 
-pub struct Cluster(pub ClusterRecord);
+pub struct Cluster(pub ClusterRecord, Arc<ClusterBatch>);
 
 pub struct ClusterTotal {
     filter: ClusterFilter,
@@ -674,9 +661,8 @@ impl Cluster {
         &self.0.virtualization_version
     }
 
-    async fn labels(&self, ctx: &Context<'_>) -> Result<Vec<Label>> {
-        let labels = loaders(ctx).cluster_labels.load_one(self.0.id).await?;
-        Ok(labels.as_ref().map(labels_list).unwrap_or_default())
+    async fn labels(&self) -> Result<Vec<Label>> {
+        Ok(labels_list(&self.1.labels(self.0.id).await?))
     }
 
     async fn cpu_models(&self) -> &[String] {
@@ -747,15 +733,19 @@ impl Cluster {
         self.0.updated_at
     }
 
-    async fn capacity(&self, ctx: &Context<'_>) -> Result<Capacity> {
-        let c = loaders(ctx).capacity.load_one(self.0.id).await?;
-        Ok(c.unwrap_or_default().into())
+    async fn capacity(&self) -> Result<Capacity> {
+        Ok(self.1.capacity(self.0.id).await?.into())
     }
 
     #[graphql(complexity = "10 * child_complexity")]
-    async fn nodes(&self, ctx: &Context<'_>) -> Result<Vec<Node>> {
-        let nodes = loaders(ctx).nodes.load_one(self.0.id).await?;
-        Ok(nodes.unwrap_or_default().into_iter().map(Node).collect())
+    async fn nodes(&self) -> Result<Vec<Node>> {
+        Ok(self
+            .1
+            .nodes(self.0.id)
+            .await?
+            .into_iter()
+            .map(Node)
+            .collect())
     }
 
     /// This cluster's virtual machines ordered by namespace and name.
@@ -764,45 +754,31 @@ impl Cluster {
     )]
     async fn virtual_machines(
         &self,
-        ctx: &Context<'_>,
         first: Option<i32>,
         after: Option<String>,
         filter: Option<ClusterVirtualMachineFilter>,
     ) -> Result<Connection<String, VirtualMachine, VirtualMachineTotal>> {
-        let mut page = page_request(first, after, 2)?;
-        page.with_labels = wants_vm_labels(ctx);
-        let page = Arc::new(page);
+        let page = page_request(first, after, 2)?;
         let f = filter.unwrap_or_default();
-        let filter = Arc::new(vm_filter(
-            f.namespace,
-            f.label_selector,
-            f.phase,
-            f.node,
-            f.migratable,
-        )?);
-        let result = loaders(ctx)
-            .vm_pages
-            .load_one(VmPageKey {
-                cluster_id: self.0.id,
-                filter: filter.clone(),
-                page: page.clone(),
-            })
-            .await?
-            .unwrap_or_else(Page::empty);
+        let filter = vm_filter(f.namespace, f.label_selector, f.phase, f.node, f.migratable)?;
+        let (result, batch) = self
+            .1
+            .vm_page(self.0.id, filter.clone(), page.clone())
+            .await?;
         let mut conn = Connection::with_additional_fields(
             page.after.is_some(),
             result.has_next_page,
             VirtualMachineTotal {
-                cluster_id: Some(self.0.id),
+                cluster: Some((self.0.id, self.1.clone())),
                 filter,
             },
         );
-        conn.edges.extend(
-            result
-                .items
-                .into_iter()
-                .map(|v| Edge::new(encode_cursor(&[&v.namespace, &v.name]), VirtualMachine(v))),
-        );
+        conn.edges.extend(result.items.into_iter().map(|v| {
+            Edge::new(
+                encode_cursor(&[&v.namespace, &v.name]),
+                VirtualMachine(v, batch.clone()),
+            )
+        }));
         Ok(conn)
     }
 }
@@ -850,26 +826,20 @@ impl Node {
 // ---------------------------------------------------------------------------------------------
 // VirtualMachine
 
-pub struct VirtualMachine(VmRecord);
+pub struct VirtualMachine(VmRecord, Arc<VmBatch>);
 
 pub struct VirtualMachineTotal {
-    cluster_id: Option<Uuid>,
-    filter: Arc<VmFilter>,
+    /// Set inside a cluster: the count loads with the cluster's siblings.
+    cluster: Option<(Uuid, Arc<ClusterBatch>)>,
+    filter: VmFilter,
 }
 
 #[Object]
 impl VirtualMachineTotal {
     /// How many virtual machines match the filter.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<i32> {
-        let n = match self.cluster_id {
-            Some(cluster_id) => loaders(ctx)
-                .vm_counts
-                .load_one(VmCountKey {
-                    cluster_id,
-                    filter: self.filter.clone(),
-                })
-                .await?
-                .unwrap_or(0),
+        let n = match &self.cluster {
+            Some((id, batch)) => batch.vm_count(*id, self.filter.clone()).await?,
             None => reader(ctx)
                 .count_vms(&self.filter)
                 .await
@@ -900,13 +870,9 @@ impl VirtualMachine {
         ID(self.0.id.to_string())
     }
 
-    async fn cluster(&self, ctx: &Context<'_>) -> Result<Cluster> {
-        let c = loaders(ctx)
-            .cluster_by_id
-            .load_one(self.0.cluster_id)
-            .await?
-            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "virtual machine without cluster"))?;
-        Ok(Cluster(c))
+    async fn cluster(&self) -> Result<Cluster> {
+        let (c, batch) = self.1.clusters.require(self.0.cluster_id).await?;
+        Ok(Cluster(c, batch))
     }
 
     async fn namespace(&self) -> &str {
@@ -967,12 +933,8 @@ impl VirtualMachine {
             .collect()
     }
 
-    async fn labels(&self, ctx: &Context<'_>) -> Result<Vec<Label>> {
-        if let Some(labels) = &self.0.labels {
-            return Ok(labels_list(labels));
-        }
-        let labels = loaders(ctx).vm_labels.load_one(self.0.id).await?;
-        Ok(labels.as_ref().map(labels_list).unwrap_or_default())
+    async fn labels(&self) -> Result<Vec<Label>> {
+        Ok(labels_list(&self.1.labels(self.0.id).await?))
     }
 
     /// Whether the virtual machine can live-migrate at all.
@@ -997,7 +959,7 @@ impl VirtualMachine {
 // ---------------------------------------------------------------------------------------------
 // Migration
 
-pub struct Migration(MigrationRecord);
+pub struct Migration(MigrationRecord, Arc<ClusterRefs>);
 
 #[derive(SimpleObject)]
 pub struct MigrationProgress {
@@ -1036,20 +998,14 @@ impl Migration {
         }
     }
 
-    async fn source_cluster(&self, ctx: &Context<'_>) -> Result<Option<Cluster>> {
-        let c = loaders(ctx)
-            .cluster_by_id
-            .load_one(self.0.source_cluster_id)
-            .await?;
-        Ok(c.map(Cluster))
+    async fn source_cluster(&self) -> Result<Option<Cluster>> {
+        let c = self.1.get(self.0.source_cluster_id).await?;
+        Ok(c.map(|(c, batch)| Cluster(c, batch)))
     }
 
-    async fn target_cluster(&self, ctx: &Context<'_>) -> Result<Option<Cluster>> {
-        let c = loaders(ctx)
-            .cluster_by_id
-            .load_one(self.0.target_cluster_id)
-            .await?;
-        Ok(c.map(Cluster))
+    async fn target_cluster(&self) -> Result<Option<Cluster>> {
+        let c = self.1.get(self.0.target_cluster_id).await?;
+        Ok(c.map(|(c, batch)| Cluster(c, batch)))
     }
 
     async fn target_namespace(&self) -> &str {

@@ -2,7 +2,7 @@
 //! one SQL statement (the fleet summary a few), whatever the number of rows, so a request's cost
 //! does not grow with its results.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use drover_graphql::model::*;
@@ -109,7 +109,6 @@ fn vm_record(m: vm::Model) -> Result<VmRecord, ReadError> {
         non_migratable_reasons: from_json("non-migratable reasons", m.non_migratable_reasons)?,
         generation: m.generation,
         updated_at: m.updated_at,
-        labels: None,
     })
 }
 
@@ -180,21 +179,6 @@ fn vm_where(sql: &mut Sql, filter: &VmFilter) {
 }
 
 impl StoreReader {
-    async fn attach_labels(&self, vms: &mut [VmRecord]) -> Result<(), ReadError> {
-        if vms.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<Uuid> = vms.iter().map(|v| v.id).collect();
-        let mut by_vm: HashMap<Uuid, BTreeMap<String, String>> = HashMap::new();
-        for (id, k, v) in self.vm_labels(&ids).await? {
-            by_vm.entry(id).or_default().insert(k, v);
-        }
-        for vm in vms {
-            vm.labels = Some(by_vm.remove(&vm.id).unwrap_or_default());
-        }
-        Ok(())
-    }
-
     async fn labels_of(
         &self,
         table: &str,
@@ -388,11 +372,7 @@ impl FleetReader for StoreReader {
             .await
             .map_err(db_err)?;
         let rows: Vec<VmRecord> = rows.into_iter().map(vm_record).collect::<Result<_, _>>()?;
-        let mut page_out = Page::from_overfetch(rows, page.first);
-        if page.with_labels {
-            self.attach_labels(&mut page_out.items).await?;
-        }
-        Ok(page_out)
+        Ok(Page::from_overfetch(rows, page.first))
     }
 
     async fn count_vms(&self, filter: &VmFilter) -> Result<i64, ReadError> {
@@ -434,10 +414,7 @@ impl FleetReader for StoreReader {
             .all(&self.store.db)
             .await
             .map_err(db_err)?;
-        let mut all: Vec<VmRecord> = rows.into_iter().map(vm_record).collect::<Result<_, _>>()?;
-        if page.with_labels {
-            self.attach_labels(&mut all).await?;
-        }
+        let all: Vec<VmRecord> = rows.into_iter().map(vm_record).collect::<Result<_, _>>()?;
         let mut grouped: HashMap<Uuid, Vec<VmRecord>> = HashMap::new();
         for v in all {
             grouped.entry(v.cluster_id).or_default().push(v);

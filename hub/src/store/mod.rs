@@ -123,6 +123,7 @@ impl Store {
         let counter = statements.clone();
         db.set_metric_callback(move |info| {
             counter.0.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(target: "drover_hub::sql", elapsed = ?info.elapsed, failed = info.failed, sql = %info.statement.sql);
             metrics::counter!("drover_db_statements_total", "failed" => if info.failed { "true" } else { "false" })
                 .increment(1);
             metrics::histogram!("drover_db_statement_seconds").record(info.elapsed.as_secs_f64());

@@ -1,0 +1,235 @@
+//! Test bed helpers: a hub on a fresh PostgreSQL database or SQLite file, in-process HTTP
+//! serving, GraphQL calls, fixture builders for inventory, and locating the built binaries.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use drover_hub::Hub;
+use drover_shared::inventory::*;
+use drover_shared::ClusterName;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::postgres::PgCluster;
+
+/// The two stores every inventory test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A hub on its own empty database, removed when dropped.
+pub struct TestHub {
+    pub hub: Hub,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestHub {
+    pub async fn new(backend: Backend, name: &str) -> anyhow::Result<Self> {
+        let (url, dir) = match backend {
+            Backend::Postgres => {
+                let pg = PgCluster::shared().await?;
+                (pg.create_database(name).await?, None)
+            }
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                (drover_hub::store::sqlite_url(dir.path()), Some(dir))
+            }
+        };
+        let hub = Hub::open(&url)
+            .await
+            .with_context(|| format!("open hub on {url}"))?;
+        Ok(Self {
+            hub,
+            url,
+            _dir: dir,
+        })
+    }
+
+    /// Executes a query in-process (no HTTP) and returns the JSON response.
+    pub async fn gql(&self, query: &str, variables: Value) -> Value {
+        let req = async_graphql::Request::new(query)
+            .variables(async_graphql::Variables::from_json(variables));
+        let mut resp = self.hub.schema.execute(req).await;
+        drover_graphql::classify_response_errors(&mut resp);
+        serde_json::to_value(&resp).expect("response serializes")
+    }
+
+    /// Executes a query that must succeed and returns its `data`.
+    pub async fn data(&self, query: &str, variables: Value) -> Value {
+        let resp = self.gql(query, variables).await;
+        assert!(
+            resp.get("errors")
+                .is_none_or(|e| e.as_array().is_none_or(|a| a.is_empty())),
+            "query failed: {resp:#}"
+        );
+        resp["data"].clone()
+    }
+
+    /// Serves HTTP on an ephemeral loopback port until the returned guard is dropped.
+    pub async fn serve(&self) -> anyhow::Result<Served> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let hub = self.hub.clone();
+        let task = tokio::spawn(async move {
+            let _ = hub
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Served {
+            addr,
+            _stop: tx,
+            task,
+        })
+    }
+}
+
+/// A running in-process server; dropping it stops the server.
+pub struct Served {
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The first error's `extensions.code`, if any.
+pub fn error_code(resp: &Value) -> Option<String> {
+    resp["errors"][0]["extensions"]["code"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The first error's message, if any.
+pub fn error_message(resp: &Value) -> String {
+    resp["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// POSTs a GraphQL query over HTTP.
+pub async fn post_gql(client: &reqwest::Client, url: &str, query: &str) -> anyhow::Result<Value> {
+    let resp = client
+        .post(url)
+        .json(&json!({ "query": query }))
+        .send()
+        .await?;
+    Ok(resp.json().await?)
+}
+
+/// A virtual machine fixture: running, 1 GiB, 1 vCPU, one disk, one NIC with a MAC derived from
+/// `mac_seed`.
+pub fn vm(namespace: &str, name: &str, mac_seed: u32) -> VmInfo {
+    VmInfo {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: format!("uid-{namespace}-{name}"),
+        run_strategy: RunStrategy::Always,
+        phase: VmPhase::Running,
+        node: Some("node-a".into()),
+        memory_bytes: 1 << 30,
+        vcpus: 1,
+        disks: vec![Disk {
+            name: "rootdisk".into(),
+            size_bytes: 10 << 30,
+            storage_class: "standard".into(),
+            access_mode: "ReadWriteOnce".into(),
+        }],
+        interfaces: vec![Interface {
+            name: "default".into(),
+            network: "pod".into(),
+            mac: format!(
+                "02:AA:{:02X}:{:02X}:{:02X}:{:02X}",
+                (mac_seed >> 24) & 0xff,
+                (mac_seed >> 16) & 0xff,
+                (mac_seed >> 8) & 0xff,
+                mac_seed & 0xff
+            ),
+        }],
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        migratable: true,
+        non_migratable_reasons: vec![],
+        generation: 1,
+    }
+}
+
+pub fn node(name: &str, memory_gib: u64, cores: u64) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        cpu_model: "Icelake-Server".into(),
+        allocatable_memory_bytes: memory_gib << 30,
+        allocatable_cpu_millis: cores * 1000,
+        requested_memory_bytes: 0,
+        requested_cpu_millis: 0,
+        schedulable: true,
+        labels: BTreeMap::new(),
+    }
+}
+
+pub fn cluster_info() -> ClusterInfo {
+    ClusterInfo {
+        runtime: RuntimeKind::Kubevirt,
+        platform_version: "4.20.3".into(),
+        virtualization_version: "1.6.0".into(),
+        labels: BTreeMap::from([("region".to_string(), "eu-west".to_string())]),
+        cpu_models: vec!["Icelake-Server".into(), "Skylake-Server".into()],
+        feature_gates: vec!["DecentralizedLiveMigration".into()],
+        migration_config: MigrationConfig::default(),
+        storage_classes: vec![StorageClass {
+            name: "standard".into(),
+            provisioner: "csi.example".into(),
+            is_default: true,
+        }],
+        networks: vec!["pod".into()],
+        sync_endpoint: None,
+    }
+}
+
+pub fn snapshot(
+    cluster: &str,
+    generation: u64,
+    nodes: Vec<NodeInfo>,
+    vms: Vec<VmInfo>,
+) -> InventorySnapshot {
+    InventorySnapshot {
+        cluster: ClusterName::new(cluster).expect("fixture cluster names are valid"),
+        generation,
+        info: cluster_info(),
+        nodes,
+        vms,
+    }
+}
+
+/// Where cargo put this workspace's binaries (next to the test executable's `deps/`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no parent directory")?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    Ok(path)
+}
