@@ -1,0 +1,217 @@
+//! The real `drover-hub` binary: the README's quick start on the embedded SQLite file, its HTTP
+//! endpoints, bad command-line input, and a PostgreSQL restart under a running hub.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use drover_e2e::postgres::PgCluster;
+use drover_e2e::testbed::{binary, error_code, post_gql};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running hub process, killed when dropped.
+struct HubProcess {
+    child: Child,
+    base: String,
+}
+
+impl HubProcess {
+    async fn start(data_dir: &Path, database_url: Option<&str>) -> HubProcess {
+        let mut cmd = Command::new(binary("drover-hub").unwrap());
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(url) = database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        let mut child = cmd.spawn().expect("start drover-hub");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("drover-hub announces its address within 60 s")
+            .unwrap()
+            .expect("drover-hub printed a line");
+        let base = first
+            .strip_prefix("drover-hub listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_owned();
+        // Keep draining stdout so the hub never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        HubProcess { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+fn seed(data_dir: &Path, database_url: Option<&str>, clusters: u32, vms: u32) -> String {
+    let mut cmd = std::process::Command::new(binary("drover-hub").unwrap());
+    cmd.args(["seed", "--clusters", &clusters.to_string()])
+        .args(["--vms-per-cluster", &vms.to_string()])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn");
+    if let Some(url) = database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    let out = cmd.output().expect("run drover-hub seed");
+    assert!(
+        out.status.success(),
+        "seed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const FLEET: &str = "{ fleet { clusters { total } virtualMachines { total } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = seed(dir.path(), None, 3, 4);
+    assert!(out.contains("seeded 3 clusters"), "{out}");
+    assert!(dir.path().join("drover.sqlite").exists(), "the embedded store is a file in --data-dir");
+    let hub = HubProcess::start(dir.path(), None).await;
+    let http = reqwest::Client::new();
+
+    let health = http.get(hub.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = http.get(hub.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let page = http.get(hub.url("/graphql")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("graphiql"), "GET /graphql serves GraphiQL");
+
+    let d = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    assert_eq!(d["data"]["fleet"]["clusters"]["total"], 3, "{d}");
+    assert_eq!(d["data"]["fleet"]["virtualMachines"]["total"], 12, "{d}");
+
+    // Bad requests: clear errors with stable codes.
+    let huge = "x".repeat(300 * 1024);
+    let resp = http
+        .post(hub.url("/graphql"))
+        .json(&json!({ "query": huge }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body).as_deref(), Some("QUERY_TOO_LARGE"), "{body}");
+    let resp = http
+        .post(hub.url("/graphql"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body).as_deref(), Some("BAD_USER_INPUT"), "{body}");
+
+    let metrics = http.get(hub.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "drover_graphql_requests_total",
+        "drover_graphql_request_seconds",
+        "drover_db_statements_total",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+
+    // Seeding again (a newer generation) while the hub serves: the same store, updated.
+    let out = seed(dir.path(), None, 5, 2);
+    assert!(out.contains("seeded 5 clusters"), "{out}");
+    let d = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    assert_eq!(d["data"]["fleet"]["clusters"]["total"], 5, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_command_lines_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = binary("drover-hub").unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&hub)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["seed", "--clusters", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--clusters"), "{out:?}");
+    let out = run(&["--listen", "not-an-address"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"), "{out:?}");
+    // Nothing listens on port 1: the hub gives up after the wait and says what to check.
+    let out = run(&[
+        "--database-url",
+        "postgres://drover@127.0.0.1:1/drover",
+        "--database-wait-secs",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the inventory store"), "{err}");
+    assert!(err.contains("DATABASE_URL"), "{err}");
+}
+
+async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_reports_and_recovers_from_a_postgres_restart() {
+    let pg = PgCluster::start_dedicated().await.unwrap();
+    let url = pg.create_database("restart").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path(), Some(&url), 2, 3);
+    let mut hub = HubProcess::start(dir.path(), Some(&url)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let before = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    assert_eq!(before["data"]["fleet"]["virtualMachines"]["total"], 6, "{before}");
+
+    pg.stop().await.unwrap();
+    let status = poll("/readyz to say 503", Duration::from_secs(20), async || {
+        let r = http.get(hub.url("/readyz")).send().await.ok()?;
+        (r.status() == 503).then(|| r.status())
+    })
+    .await;
+    assert_eq!(status, 503);
+    let during = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    assert_eq!(error_code(&during).as_deref(), Some("DATABASE_UNAVAILABLE"), "{during}");
+    assert!(during["errors"][0]["message"].as_str().unwrap().contains("retry"), "{during}");
+    let health = http.get(hub.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "the hub itself is alive");
+
+    pg.start().await.unwrap();
+    poll("/readyz to recover", Duration::from_secs(30), async || {
+        let r = http.get(hub.url("/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let after = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    assert_eq!(after, before, "the same inventory after the restart");
+    assert!(hub.child.try_wait().unwrap().is_none(), "the hub never exited");
+}
