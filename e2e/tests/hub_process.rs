@@ -80,7 +80,10 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let out = seed(dir.path(), None, 3, 4);
     assert!(out.contains("seeded 3 clusters"), "{out}");
-    assert!(dir.path().join("drover.sqlite").exists(), "the embedded store is a file in --data-dir");
+    assert!(
+        dir.path().join("drover.sqlite").exists(),
+        "the embedded store is a file in --data-dir"
+    );
     let hub = HubProcess::start(dir.path(), None).await;
     let http = reqwest::Client::new();
 
@@ -107,7 +110,11 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
         .unwrap();
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(error_code(&body).as_deref(), Some("QUERY_TOO_LARGE"), "{body}");
+    assert_eq!(
+        error_code(&body).as_deref(),
+        Some("QUERY_TOO_LARGE"),
+        "{body}"
+    );
     let resp = http
         .post(hub.url("/graphql"))
         .header("content-type", "application/json")
@@ -117,9 +124,20 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(error_code(&body).as_deref(), Some("BAD_USER_INPUT"), "{body}");
+    assert_eq!(
+        error_code(&body).as_deref(),
+        Some("BAD_USER_INPUT"),
+        "{body}"
+    );
 
-    let metrics = http.get(hub.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "drover_graphql_requests_total",
         "drover_graphql_request_seconds",
@@ -150,10 +168,16 @@ async fn bad_command_lines_fail_with_clear_errors() {
     };
     let out = run(&["seed", "--clusters", "0"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--clusters"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--clusters"),
+        "{out:?}"
+    );
     let out = run(&["--listen", "not-an-address"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--listen"),
+        "{out:?}"
+    );
     // Nothing listens on port 1: the hub gives up after the wait and says what to check.
     let out = run(&[
         "--database-url",
@@ -173,7 +197,10 @@ async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> 
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -190,7 +217,10 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
         .build()
         .unwrap();
     let before = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
-    assert_eq!(before["data"]["fleet"]["virtualMachines"]["total"], 6, "{before}");
+    assert_eq!(
+        before["data"]["fleet"]["virtualMachines"]["total"], 6,
+        "{before}"
+    );
 
     pg.stop().await.unwrap();
     let status = poll("/readyz to say 503", Duration::from_secs(20), async || {
@@ -200,8 +230,18 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
     .await;
     assert_eq!(status, 503);
     let during = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
-    assert_eq!(error_code(&during).as_deref(), Some("DATABASE_UNAVAILABLE"), "{during}");
-    assert!(during["errors"][0]["message"].as_str().unwrap().contains("retry"), "{during}");
+    assert_eq!(
+        error_code(&during).as_deref(),
+        Some("DATABASE_UNAVAILABLE"),
+        "{during}"
+    );
+    assert!(
+        during["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry"),
+        "{during}"
+    );
     let health = http.get(hub.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200, "the hub itself is alive");
 
@@ -213,5 +253,8 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
     .await;
     let after = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
     assert_eq!(after, before, "the same inventory after the restart");
-    assert!(hub.child.try_wait().unwrap().is_none(), "the hub never exited");
+    assert!(
+        hub.child.try_wait().unwrap().is_none(),
+        "the hub never exited"
+    );
 }

@@ -1176,3 +1176,17 @@ async fn subscriptions_stream_inventory_changes_over_websocket(b: Backend) {
         json!({"cluster": "east-1", "kind": "SNAPSHOT", "generation": 1, "changes": 5})
     );
 }
+
+/// Several hub replicas starting on one fresh PostgreSQL database migrate it once, together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_replicas_starting_together_share_one_migration() {
+    let pg = drover_e2e::postgres::PgCluster::shared().await.unwrap();
+    let url = pg.create_database("replicas").await.unwrap();
+    let opens = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { drover_hub::Hub::open(&url).await.map(|_| ()) })
+    });
+    for open in futures::future::join_all(opens).await {
+        open.unwrap().expect("every replica opens the store");
+    }
+}

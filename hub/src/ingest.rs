@@ -518,8 +518,8 @@ async fn delete_by_ids(
         let mut sql = Sql::new(tx.get_database_backend());
         sql.push("DELETE FROM ")
             .push(table)
-            .push(" WHERE id IN ")
-            .bind_list(chunk.iter().copied());
+            .push(" WHERE ")
+            .in_ids("id", chunk);
         tx.execute(sql.build()).await?;
     }
     Ok(())
@@ -638,8 +638,8 @@ async fn upsert_vms(
         // Labels are replaced whole for the virtual machines in this chunk.
         let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
         let mut sql = Sql::new(tx.get_database_backend());
-        sql.push("DELETE FROM vm_labels WHERE vm_id IN ")
-            .bind_list(ids.iter().copied());
+        sql.push("DELETE FROM vm_labels WHERE ")
+            .in_ids("vm_id", &ids);
         tx.execute(sql.build()).await?;
         let labels: Vec<vm_label::ActiveModel> = chunk
             .iter()

@@ -194,9 +194,7 @@ impl StoreReader {
             .push(" AS owner, key, value FROM ")
             .push(table)
             .push(" WHERE ")
-            .push(owner)
-            .push(" IN ")
-            .bind_list(ids.iter().copied());
+            .in_ids(owner, ids);
         let rows = self.store.db.query_all(sql.build()).await.map_err(db_err)?;
         rows.iter()
             .map(|r| Ok((get(r, "owner")?, get(r, "key")?, get(r, "value")?)))
@@ -333,8 +331,8 @@ impl FleetReader for StoreReader {
         let mut sql = Sql::new(self.backend());
         sql.push("SELECT cluster_id, CAST(COUNT(*) AS BIGINT) AS n, ")
             .push(&capacity_columns())
-            .push(" FROM nodes WHERE cluster_id IN ")
-            .bind_list(ids.iter().copied())
+            .push(" FROM nodes WHERE ")
+            .in_ids("cluster_id", ids)
             .push(" GROUP BY cluster_id");
         let rows = self.store.db.query_all(sql.build()).await.map_err(db_err)?;
         rows.iter()
@@ -395,9 +393,9 @@ impl FleetReader for StoreReader {
         let mut sql = Sql::new(self.backend());
         sql.push(
             "SELECT * FROM (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.cluster_id ORDER BY v.namespace, v.name) AS rn \
-             FROM virtual_machines v WHERE v.cluster_id IN ",
+             FROM virtual_machines v WHERE ",
         )
-        .bind_list(cluster_ids.iter().copied());
+        .in_ids("v.cluster_id", cluster_ids);
         vm_where(&mut sql, filter);
         if let Some(after) = &page.after {
             sql.push(" AND (v.namespace, v.name) > (")
@@ -431,8 +429,8 @@ impl FleetReader for StoreReader {
         filter: &VmFilter,
     ) -> Result<HashMap<Uuid, i64>, ReadError> {
         let mut sql = Sql::new(self.backend());
-        sql.push("SELECT v.cluster_id AS cluster_id, CAST(COUNT(*) AS BIGINT) AS n FROM virtual_machines v WHERE v.cluster_id IN ")
-            .bind_list(cluster_ids.iter().copied());
+        sql.push("SELECT v.cluster_id AS cluster_id, CAST(COUNT(*) AS BIGINT) AS n FROM virtual_machines v WHERE ")
+            .in_ids("v.cluster_id", cluster_ids);
         vm_where(&mut sql, filter);
         sql.push(" GROUP BY v.cluster_id");
         let rows = self.store.db.query_all(sql.build()).await.map_err(db_err)?;

@@ -5,7 +5,13 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 /// Installs structured logging: `RUST_LOG` filters (default `info`), `DROVER_LOG_FORMAT=json`
 /// switches to JSON lines. Safe to call more than once (later calls are no-ops).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default("info,sqlx=warn");
+}
+
+/// Like [`init`], with another filter when `RUST_LOG` is not set (benchmarks use `warn`).
+pub fn init_with_default(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|v| v == "json");
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {

@@ -11,8 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
+    TransactionTrait,
+};
 use sea_orm_migration::MigratorTrait;
+
+/// The advisory lock key hub replicas take while migrating ("drover" in ASCII).
+const MIGRATION_LOCK: i64 = 0x64_726f_7665_72;
 
 /// What went wrong with the store, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -131,12 +137,23 @@ impl Store {
         Ok(Self { db, statements })
     }
 
-    /// Connects and brings the schema up to date.
+    /// Connects and brings the schema up to date. On PostgreSQL, hub replicas starting together
+    /// take turns: an advisory lock held for the migration's transaction serialises them.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let store = Self::connect(url).await?;
-        migration::Migrator::up(&store.db, None)
-            .await
-            .map_err(StoreError::Migrate)?;
+        if store.backend() == DbBackend::Postgres {
+            let txn = store.db.begin().await?;
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+                .await?;
+            migration::Migrator::up(&txn, None)
+                .await
+                .map_err(StoreError::Migrate)?;
+            txn.commit().await?;
+        } else {
+            migration::Migrator::up(&store.db, None)
+                .await
+                .map_err(StoreError::Migrate)?;
+        }
         Ok(store)
     }
 

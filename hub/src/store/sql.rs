@@ -3,7 +3,9 @@
 //! comparisons, label-selector subqueries); values are always bound, never spliced.
 
 use drover_shared::labels::{LabelSelector, Requirement};
+use sea_orm::sea_query::ArrayType;
 use sea_orm::{DbBackend, Statement, Value};
+use uuid::Uuid;
 
 pub struct Sql {
     backend: DbBackend,
@@ -48,6 +50,26 @@ impl Sql {
             self.bind(v);
         }
         self.push(")")
+    }
+
+    /// Appends a membership test of `column` in `ids`: one array parameter on PostgreSQL
+    /// (`= ANY($n)`, cheap to plan however long), an `IN (...)` list on SQLite.
+    pub fn in_ids(&mut self, column: &str, ids: &[Uuid]) -> &mut Self {
+        self.push(column);
+        match self.backend {
+            DbBackend::Postgres => {
+                self.push(" = ANY(");
+                self.bind(Value::Array(
+                    ArrayType::Uuid,
+                    Some(Box::new(ids.iter().map(|id| Value::from(*id)).collect())),
+                ));
+                self.push(")")
+            }
+            _ => {
+                self.push(" IN ");
+                self.bind_list(ids.iter().copied())
+            }
+        }
     }
 
     /// Appends ` AND <condition>` for each requirement of a label selector, matching rows of
