@@ -18,7 +18,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 
 /// The advisory lock key hub replicas take while migrating ("drover" in ASCII).
-const MIGRATION_LOCK: i64 = 0x64_726f_7665_72;
+const MIGRATION_LOCK: i64 = 0x6472_6f76_6572;
 
 /// What went wrong with the store, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
