@@ -3,6 +3,7 @@
 
 pub mod hub;
 pub mod ingest;
+pub mod pki;
 pub mod read;
 pub mod seed;
 pub mod server;
