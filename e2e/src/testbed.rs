@@ -25,7 +25,9 @@ pub enum Backend {
 pub struct TestHub {
     pub hub: Hub,
     pub url: String,
+    pub pki: std::sync::Arc<drover_hub::pki::Pki>,
     _dir: Option<tempfile::TempDir>,
+    _pki_dir: tempfile::TempDir,
 }
 
 impl TestHub {
@@ -40,13 +42,17 @@ impl TestHub {
                 (drover_hub::store::sqlite_url(dir.path()), Some(dir))
             }
         };
-        let hub = Hub::open(&url)
+        let pki_dir = tempfile::tempdir()?;
+        let pki = std::sync::Arc::new(drover_hub::pki::Pki::load_or_create(pki_dir.path())?);
+        let hub = Hub::open(&url, pki.clone())
             .await
             .with_context(|| format!("open hub on {url}"))?;
         Ok(Self {
             hub,
             url,
+            pki,
             _dir: dir,
+            _pki_dir: pki_dir,
         })
     }
 

@@ -22,6 +22,8 @@ impl HubProcess {
         let mut cmd = Command::new(binary("drover-hub").unwrap());
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
+            .arg("--agent-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
             .env_remove("DATABASE_URL")

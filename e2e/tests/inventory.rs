@@ -1184,7 +1184,12 @@ async fn hub_replicas_starting_together_share_one_migration() {
     let url = pg.create_database("replicas").await.unwrap();
     let opens = (0..4).map(|_| {
         let url = url.clone();
-        tokio::spawn(async move { drover_hub::Hub::open(&url).await.map(|_| ()) })
+        tokio::spawn(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let pki =
+                std::sync::Arc::new(drover_hub::pki::Pki::load_or_create(dir.path()).unwrap());
+            drover_hub::Hub::open(&url, pki).await.map(|_| ())
+        })
     });
     for open in futures::future::join_all(opens).await {
         open.unwrap().expect("every replica opens the store");

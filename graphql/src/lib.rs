@@ -2,6 +2,7 @@
 //! limits. It has no HTTP and no database in it: it reads the fleet through the [`FleetReader`]
 //! trait the hub implements, and [`build_schema`] is its entry point.
 
+pub mod admin;
 pub mod batch;
 pub mod error;
 pub mod events;
@@ -9,6 +10,7 @@ pub mod model;
 pub mod reader;
 pub mod schema;
 
+pub use admin::{FleetAdmin, JoinTokenRecord};
 pub use error::{classify_response_errors, ApiError, ErrorCode};
 pub use events::{InventoryEvent, InventoryEventKind};
 pub use reader::{FleetReader, ReadError};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{
-    Context, EmptyMutation, Enum, InputObject, InputValueError, InputValueResult, Object, Result,
-    Scalar, ScalarType, Schema, SimpleObject, Subscription, Value, ID,
+    Context, Enum, InputObject, InputValueError, InputValueResult, Object, Result, Scalar,
+    ScalarType, Schema, SimpleObject, Subscription, Value, ID,
 };
 use chrono::{DateTime, Utc};
 use drover_shared::inventory as inv;
@@ -19,6 +19,7 @@ use futures::Stream;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::admin::FleetAdmin;
 use crate::batch::{ClusterBatch, ClusterRefs, Reader, VmBatch};
 use crate::error::{ApiError, ErrorCode};
 use crate::events::InventoryEvent;
@@ -29,7 +30,7 @@ pub const MAX_PAGE_SIZE: i32 = 100;
 /// What `first` is when a client leaves it out.
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 
-pub type DroverSchema = Schema<Query, EmptyMutation, Subscription>;
+pub type DroverSchema = Schema<Query, Mutation, Subscription>;
 
 /// Limits on what one query may cost.
 #[derive(Debug, Clone, Copy)]
@@ -54,11 +55,13 @@ impl Default for SchemaLimits {
 /// Builds the schema over a reader; `events` feeds subscriptions.
 pub fn build_schema(
     reader: Reader,
+    admin: Arc<dyn FleetAdmin>,
     events: broadcast::Sender<InventoryEvent>,
     limits: SchemaLimits,
 ) -> DroverSchema {
-    Schema::build(Query, EmptyMutation, Subscription)
+    Schema::build(Query, Mutation, Subscription)
         .data(reader)
+        .data(admin)
         .data(events)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
@@ -68,9 +71,7 @@ pub fn build_schema(
 
 /// The schema's SDL, as checked in at `graphql/schema.graphql`.
 pub fn schema_sdl() -> String {
-    Schema::build(Query, EmptyMutation, Subscription)
-        .finish()
-        .sdl()
+    Schema::build(Query, Mutation, Subscription).finish().sdl()
 }
 
 fn reader<'a>(ctx: &'a Context<'_>) -> &'a Reader {
@@ -1070,6 +1071,57 @@ impl Migration {
 
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutation
+
+pub struct Mutation;
+
+/// A one-time join token; `token` is shown only here.
+#[derive(SimpleObject)]
+pub struct JoinToken {
+    /// Give it to the cluster's agent (`drover-agent --join-token`); it carries the hub CA's
+    /// fingerprint, so the agent can trust the hub on first contact.
+    pub token: String,
+    pub cluster: String,
+    pub expires_at: DateTime<Utc>,
+    /// SHA-256 of the hub's CA certificate, hex.
+    pub ca_certificate_sha256: String,
+}
+
+#[Object]
+impl Mutation {
+    /// Creates a one-time, expiring token with which the agent of `cluster` joins the hub.
+    async fn create_join_token(
+        &self,
+        ctx: &Context<'_>,
+        cluster: String,
+        #[graphql(default = 3600)] ttl_seconds: i32,
+    ) -> Result<JoinToken> {
+        let cluster = ClusterName::new(cluster).map_err(ApiError::from)?;
+        if !(60..=7 * 86_400).contains(&ttl_seconds) {
+            return Err(ApiError::bad_input(format!(
+                "ttlSeconds: {ttl_seconds} is outside 60..=604800 (one minute to one week)"
+            ))
+            .into());
+        }
+        let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
+        let t = admin
+            .create_join_token(
+                &cluster,
+                std::time::Duration::from_secs(ttl_seconds as u64),
+                "anonymous",
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(JoinToken {
+            token: t.token,
+            cluster: t.cluster,
+            expires_at: t.expires_at,
+            ca_certificate_sha256: t.ca_sha256,
+        })
     }
 }
 

@@ -8,7 +8,11 @@ use drover_graphql::{build_schema, DroverSchema, InventoryEvent, SchemaLimits};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
+use crate::admin::HubAdmin;
+use crate::agent_endpoint::{self, TlsListener};
+use crate::identity::Identities;
 use crate::ingest::Ingest;
+use crate::pki::{Pki, PkiError};
 use crate::read::StoreReader;
 use crate::server::{self, App};
 use crate::store::{redact, Store, StoreError};
@@ -17,23 +21,28 @@ use crate::store::{redact, Store, StoreError};
 pub struct Hub {
     pub store: Store,
     pub ingest: Ingest,
+    pub identities: Identities,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
 }
 
 impl Hub {
     /// Opens the store (migrating it) and assembles the hub around it.
-    pub async fn open(database_url: &str) -> Result<Self, StoreError> {
+    pub async fn open(database_url: &str, pki: Arc<Pki>) -> Result<Self, StoreError> {
         let store = Store::open(database_url).await?;
-        Ok(Self::with_store(store))
+        Ok(Self::with_store(store, pki))
     }
 
     /// Opens the store, waiting for the database to come up (with backoff) for at most `wait`.
-    pub async fn open_waiting(database_url: &str, wait: Duration) -> Result<Self, StoreError> {
+    pub async fn open_waiting(
+        database_url: &str,
+        pki: Arc<Pki>,
+        wait: Duration,
+    ) -> Result<Self, StoreError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match Self::open(database_url).await {
+            match Self::open(database_url, pki.clone()).await {
                 Ok(hub) => return Ok(hub),
                 Err(e @ (StoreError::Connect { .. } | StoreError::Unavailable(_)))
                     if tokio::time::Instant::now() + backoff < deadline =>
@@ -47,17 +56,45 @@ impl Hub {
         }
     }
 
-    pub fn with_store(store: Store) -> Self {
+    pub fn with_store(store: Store, pki: Arc<Pki>) -> Self {
         let (events, _) = broadcast::channel(1024);
         let reader = Arc::new(StoreReader::new(store.clone()));
-        let schema = build_schema(reader, events.clone(), SchemaLimits::default());
+        let identities = Identities::new(store.clone(), pki);
+        let admin = Arc::new(HubAdmin {
+            store: store.clone(),
+            identities: identities.clone(),
+        });
+        let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
         let ingest = Ingest::new(store.clone(), events.clone());
         Self {
             store,
             ingest,
+            identities,
             schema,
             events,
         }
+    }
+
+    /// The agent endpoint's TLS listener on `tcp`, with a server certificate for `names`.
+    pub fn agent_listener(
+        &self,
+        tcp: TcpListener,
+        names: &[String],
+    ) -> Result<TlsListener, PkiError> {
+        let config = self.identities.pki().agent_server_config(names)?;
+        TlsListener::new(tcp, config).map_err(|e| PkiError::Io {
+            path: "agent listener".into(),
+            source: e,
+        })
+    }
+
+    /// Serves the agent endpoint until `shutdown` resolves.
+    pub async fn serve_agents(
+        &self,
+        listener: TlsListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        agent_endpoint::serve(listener, self.identities.clone(), shutdown).await
     }
 
     pub fn router(&self) -> axum::Router {

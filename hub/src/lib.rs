@@ -1,7 +1,10 @@
 //! drover-hub: the hub of a Drover fleet — the inventory store (PostgreSQL or an embedded SQLite
 //! file), inventory ingest, the GraphQL API's reader, the HTTP server and the seeding command.
 
+pub mod admin;
+pub mod agent_endpoint;
 pub mod hub;
+pub mod identity;
 pub mod ingest;
 pub mod pki;
 pub mod read;

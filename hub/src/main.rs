@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use drover_hub::pki::Pki;
 use drover_hub::seed::SeedPlan;
 use drover_hub::store::{redact, sqlite_url};
 use drover_hub::Hub;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +48,13 @@ struct DatabaseArgs {
         global = true
     )]
     database_wait_secs: u64,
+    /// The CA certificate (PEM) to issue agent certificates with; without it the hub creates
+    /// its own CA in --data-dir on first start.
+    #[arg(long, env = "DROVER_CA_CERT", requires = "ca_key", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// The CA's private key (PKCS#8 PEM).
+    #[arg(long, env = "DROVER_CA_KEY", requires = "ca_cert", global = true)]
+    ca_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +75,23 @@ struct ServeArgs {
         global = true
     )]
     listen: SocketAddr,
+    /// Address of the agent endpoint (mutual TLS).
+    #[arg(
+        long,
+        env = "DROVER_AGENT_LISTEN",
+        default_value = "127.0.0.1:8443",
+        global = true
+    )]
+    agent_listen: SocketAddr,
+    /// Names agents reach the hub by (DNS names or IP addresses), for its server certificate.
+    #[arg(
+        long = "agent-server-name",
+        env = "DROVER_AGENT_SERVER_NAMES",
+        value_delimiter = ',',
+        default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()],
+        global = true
+    )]
+    agent_server_names: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -95,10 +121,21 @@ impl DatabaseArgs {
         }
     }
 
+    fn pki(&self) -> anyhow::Result<Arc<Pki>> {
+        let pki = match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => Pki::load(cert, key),
+            _ => Pki::load_or_create(&self.data_dir.join("pki")),
+        };
+        Ok(Arc::new(pki.context(
+            "cannot set up the hub's certificate authority",
+        )?))
+    }
+
     async fn open(&self) -> anyhow::Result<Hub> {
         let url = self.url()?;
+        let pki = self.pki()?;
         tracing::info!(database = %redact(&url), "opening inventory store");
-        Hub::open_waiting(&url, Duration::from_secs(self.database_wait_secs))
+        Hub::open_waiting(&url, pki, Duration::from_secs(self.database_wait_secs))
             .await
             .context("cannot open the inventory store")
     }
@@ -140,10 +177,35 @@ async fn main() -> anyhow::Result<()> {
                     )
                 })?;
             let addr = listener.local_addr()?;
+            let agent_tcp = tokio::net::TcpListener::bind(args.agent_listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen for agents on {}; is another process using it? pass --agent-listen",
+                        args.agent_listen
+                    )
+                })?;
+            let agent_addr = agent_tcp.local_addr()?;
+            let agents = hub
+                .agent_listener(agent_tcp, &args.agent_server_names)
+                .context("cannot set up the agent endpoint's TLS")?;
             println!("drover-hub listening on http://{addr}");
             println!("  GraphiQL:  http://{addr}/graphql   (try: {{ fleet {{ clusters {{ total ready }} virtualMachines {{ total running }} }} }})");
             println!("  health:    http://{addr}/healthz  http://{addr}/readyz  metrics: http://{addr}/metrics");
-            hub.serve(listener, shutdown_signal()).await?;
+            println!("  agents:    https://{agent_addr} (mutual TLS; join tokens: mutation {{ createJoinToken(cluster: \"east-1\") {{ token }} }})");
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            let api = hub.serve(listener, stopped(stop_rx.clone()));
+            let agent_api = hub.serve_agents(agents, stopped(stop_rx));
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            };
+            let (api, agent_api, ()) = tokio::join!(api, agent_api, signal);
+            api?;
+            agent_api?;
         }
         Command::Seed(args) => {
             let hub = cli.db.open().await?;

@@ -1,0 +1,373 @@
+//! Joining the hub and the agent endpoint's security, over real TLS handshakes: a join token
+//! buys one certificate once; the certificate speaks for exactly its cluster; plain TCP, unknown
+//! CAs, expired, revoked and forged certificates are refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_e2e::testbed::{Backend, TestHub};
+use drover_hub::agent_endpoint::{IdentityResponse, JoinRequest, JoinResponse};
+use drover_hub::pki::Pki;
+use drover_shared::identity::{cluster_of_certificate, PinnedCaVerifier};
+use drover_shared::ClusterName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A hub with its agent endpoint served on an ephemeral loopback port.
+struct Endpoint {
+    hub: TestHub,
+    base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn endpoint(name: &str) -> Endpoint {
+    let hub = TestHub::new(Backend::Sqlite, name).await.unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let listener = hub
+        .hub
+        .agent_listener(tcp, &["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let h = hub.hub.clone();
+    tokio::spawn(async move {
+        let _ = h
+            .serve_agents(listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Endpoint {
+        hub,
+        base: format!("https://localhost:{port}"),
+        _stop: stop,
+    }
+}
+
+/// An HTTPS client that trusts the hub only through the join token's CA pin.
+fn joining_client(token: &str) -> reqwest::Client {
+    let pin = token.rsplit('.').next().unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(pin, provider())))
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// An HTTPS client presenting `cert`/`key` and trusting the hub's CA.
+fn agent_client(ca_pem: &str, cert_pem: &str, key_pem: &str) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn new_csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (csr, key.serialize_pem())
+}
+
+async fn create_token(e: &Endpoint, cluster: &str) -> String {
+    let d = e
+        .hub
+        .data(
+            "mutation($c: String!) { createJoinToken(cluster: $c) { token cluster expiresAt caCertificateSha256 } }",
+            json!({"c": cluster}),
+        )
+        .await;
+    let t = &d["createJoinToken"];
+    assert_eq!(t["cluster"], cluster);
+    let token = t["token"].as_str().unwrap().to_owned();
+    assert!(token.ends_with(t["caCertificateSha256"].as_str().unwrap()));
+    token
+}
+
+async fn join(e: &Endpoint, cluster: &str, token: &str, csr: &str) -> reqwest::Response {
+    joining_client(token)
+        .post(format!("{}/agent/v1/join", e.base))
+        .json(&JoinRequest {
+            cluster: cluster.into(),
+            token: token.into(),
+            csr: csr.into(),
+        })
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_buys_one_certificate_that_speaks_for_its_cluster() {
+    let e = endpoint("join_once").await;
+    let token = create_token(&e, "east-1").await;
+    let (csr, key) = new_csr();
+    let resp = join(&e, "east-1", &token, &csr).await;
+    assert_eq!(resp.status(), 200);
+    let joined: JoinResponse = resp.json().await.unwrap();
+    let der = CertificateDer::from_pem_slice(joined.certificate.as_bytes()).unwrap();
+    assert_eq!(
+        cluster_of_certificate(&der).unwrap(),
+        ClusterName::new("east-1").unwrap()
+    );
+
+    // The token works once.
+    let (csr2, _) = new_csr();
+    let again = join(&e, "east-1", &token, &csr2).await;
+    assert_eq!(again.status(), 401);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["code"], "TOKEN_REFUSED");
+
+    // With its certificate, the agent is east-1 and nothing else.
+    let agent = agent_client(&joined.ca, &joined.certificate, &key);
+    let who: IdentityResponse = agent
+        .get(format!("{}/agent/v1/identity", e.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(who.cluster, "east-1");
+
+    // The mutation was audited.
+    use sea_orm::ConnectionTrait;
+    let row = e
+        .hub
+        .hub
+        .store
+        .db
+        .query_one(sea_orm::Statement::from_string(
+            e.hub.hub.store.backend(),
+            "SELECT action, target, result FROM audit_log".to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.try_get::<String>("", "action").unwrap(),
+        "createJoinToken"
+    );
+    assert_eq!(row.try_get::<String>("", "target").unwrap(), "east-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_for_another_cluster_expired_or_malformed_are_refused() {
+    let e = endpoint("join_refused").await;
+    let token = create_token(&e, "east-1").await;
+    let (csr, _) = new_csr();
+    let resp = join(&e, "west-1", &token, &csr).await;
+    assert_eq!(resp.status(), 401, "a token for east-1 cannot join west-1");
+
+    let expired = e
+        .hub
+        .hub
+        .identities
+        .create_join_token(&ClusterName::new("east-2").unwrap(), Duration::ZERO, "test")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let resp = join(&e, "east-2", &expired.token, &csr).await;
+    assert_eq!(resp.status(), 401, "an expired token is refused");
+
+    let resp = join(
+        &e,
+        "east-1",
+        &token,
+        "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "BAD_CSR");
+    // A bad CSR does not use the token up.
+    let resp = join(&e, "east-1", &token, &csr).await;
+    assert_eq!(resp.status(), 200, "the token survives a refused CSR");
+
+    for (query, code) in [
+        (
+            r#"mutation { createJoinToken(cluster: "Bad_Name") { token } }"#,
+            "INVALID_NAME",
+        ),
+        (
+            r#"mutation { createJoinToken(cluster: "east-1", ttlSeconds: 5) { token } }"#,
+            "BAD_USER_INPUT",
+        ),
+    ] {
+        let resp = e.hub.gql(query, json!({})).await;
+        assert_eq!(
+            drover_e2e::testbed::error_code(&resp).as_deref(),
+            Some(code),
+            "{resp}"
+        );
+    }
+}
+
+async fn joined_agent(e: &Endpoint, cluster: &str) -> (JoinResponse, String) {
+    let token = create_token(e, cluster).await;
+    let (csr, key) = new_csr();
+    let resp = join(e, cluster, &token, &csr).await;
+    assert_eq!(resp.status(), 200);
+    (resp.json().await.unwrap(), key)
+}
+
+async fn identity_status(client: &reqwest::Client, e: &Endpoint) -> Result<u16, String> {
+    client
+        .get(format!("{}/agent/v1/identity", e.base))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|err| format!("{err:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
+    let e = endpoint("refusals").await;
+    let (joined, key) = joined_agent(&e, "east-1").await;
+
+    // A certificate from another CA never completes the handshake.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Pki::load_or_create(other_dir.path()).unwrap();
+    let (csr_pem, other_key) = new_csr();
+    let foreign = other
+        .issue_agent_certificate(
+            &csr_pem,
+            &ClusterName::new("east-1").unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let client = agent_client(&joined.ca, &foreign.pem, &other_key);
+    assert!(
+        identity_status(&client, &e).await.is_err(),
+        "unknown CA refused at the handshake"
+    );
+
+    // Forged: self-signed, claiming east-1's identity.
+    let forged_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://drover/cluster/east-1".try_into().unwrap(),
+    )];
+    let forged = params.self_signed(&forged_key).unwrap();
+    let client = agent_client(&joined.ca, &forged.pem(), &forged_key.serialize_pem());
+    assert!(
+        identity_status(&client, &e).await.is_err(),
+        "forged certificate refused"
+    );
+
+    // Expired: signed by the hub's own CA, but past its validity.
+    let (csr_pem, expired_key) = new_csr();
+    let expired = e
+        .hub
+        .pki
+        .issue_agent_certificate(
+            &csr_pem,
+            &ClusterName::new("east-1").unwrap(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let client = agent_client(&joined.ca, &expired.pem, &expired_key);
+    assert!(
+        identity_status(&client, &e).await.is_err(),
+        "expired certificate refused"
+    );
+
+    // Not issued through a join (unknown to the hub): refused after the handshake.
+    let (csr_pem, stray_key) = new_csr();
+    let stray = e
+        .hub
+        .pki
+        .issue_agent_certificate(
+            &csr_pem,
+            &ClusterName::new("east-1").unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let client = agent_client(&joined.ca, &stray.pem, &stray_key);
+    assert_eq!(identity_status(&client, &e).await, Ok(403));
+
+    // Without a certificate: told to join first.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(joined.ca.as_bytes()).unwrap())
+        .unwrap();
+    let anonymous = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(identity_status(&anonymous, &e).await, Ok(401));
+
+    // The real certificate works until the cluster's certificates are revoked.
+    let client = agent_client(&joined.ca, &joined.certificate, &key);
+    assert_eq!(identity_status(&client, &e).await, Ok(200));
+    let revoked = e
+        .hub
+        .hub
+        .identities
+        .revoke_cluster(&ClusterName::new("east-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(revoked, 1);
+    let client = agent_client(&joined.ca, &joined.certificate, &key);
+    assert_eq!(
+        identity_status(&client, &e).await,
+        Ok(403),
+        "revoked certificate refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_tcp_gets_no_answer() {
+    let e = endpoint("plain_tcp").await;
+    let addr = e.base.trim_start_matches("https://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /agent/v1/identity HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        read.is_ok(),
+        "the hub closes a plain TCP connection instead of hanging"
+    );
+    assert!(
+        !text.contains("HTTP/1.1 200"),
+        "plain TCP must not be served: {text}"
+    );
+}

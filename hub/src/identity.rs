@@ -1,0 +1,226 @@
+//! Cluster identities: one-time join tokens (stored hashed, expiring), the certificates issued
+//! against them, and revocation. Redeeming a token and recording the certificate it buys are one
+//! transaction, so a token works exactly once and no certificate goes unrecorded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use drover_shared::ClusterName;
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::pki::{IssuedCertificate, Pki, PkiError};
+use crate::store::entities::{agent_certificate, join_token};
+use crate::store::{Store, StoreError};
+
+/// Every token starts so, which makes leaked tokens easy to recognise in logs and scanners.
+pub const TOKEN_PREFIX: &str = "drover-join.";
+/// Longest lifetime an operator may give a join token.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+/// How long an agent certificate lasts before it must be renewed.
+pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Deliberately vague to the caller: which part was wrong is only logged.
+    #[error("join refused: the token is unknown, expired, already used or for another cluster; ask an operator for a new token (createJoinToken)")]
+    TokenRefused,
+    #[error(transparent)]
+    Csr(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sea_orm::DbErr> for JoinError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// A join token as handed to the operator, once: only its hash is stored.
+#[derive(Debug, Clone)]
+pub struct NewJoinToken {
+    /// `drover-join.<secret>.<CA SHA-256>`: the agent learns both what to present and which CA
+    /// to trust from it.
+    pub token: String,
+    pub cluster: ClusterName,
+    pub expires_at: DateTime<Utc>,
+    pub ca_sha256: String,
+}
+
+/// A parsed join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenParts {
+    pub secret: String,
+    pub ca_sha256: String,
+}
+
+impl JoinTokenParts {
+    pub fn parse(token: &str) -> Option<Self> {
+        let rest = token.trim().strip_prefix(TOKEN_PREFIX)?;
+        let (secret, ca) = rest.split_once('.')?;
+        let ok_secret = secret.len() == 43
+            && secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let ok_ca = ca.len() == 64 && ca.bytes().all(|b| b.is_ascii_hexdigit());
+        (ok_secret && ok_ca).then(|| Self {
+            secret: secret.to_owned(),
+            ca_sha256: ca.to_ascii_lowercase(),
+        })
+    }
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+#[derive(Clone)]
+pub struct Identities {
+    store: Store,
+    pki: Arc<Pki>,
+}
+
+impl Identities {
+    pub fn new(store: Store, pki: Arc<Pki>) -> Self {
+        Self { store, pki }
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// Creates a one-time token for `cluster`, valid for `ttl`.
+    pub async fn create_join_token(
+        &self,
+        cluster: &ClusterName,
+        ttl: Duration,
+        created_by: &str,
+    ) -> Result<NewJoinToken, StoreError> {
+        let secret_bytes: [u8; 32] = rand::random();
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_bytes);
+        let now = Utc::now();
+        let expires_at =
+            now + chrono::Duration::from_std(ttl.min(MAX_TOKEN_TTL)).unwrap_or_default();
+        join_token::Entity::insert(join_token::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            cluster_name: Set(cluster.to_string()),
+            token_hash: Set(hash_secret(&secret)),
+            expires_at: Set(expires_at),
+            used_at: Set(None),
+            created_by: Set(created_by.to_owned()),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&self.store.db)
+        .await?;
+        let ca_sha256 = self.pki.ca_sha256();
+        Ok(NewJoinToken {
+            token: format!("{TOKEN_PREFIX}{secret}.{ca_sha256}"),
+            cluster: cluster.clone(),
+            expires_at,
+            ca_sha256,
+        })
+    }
+
+    /// Redeems `token` for `cluster` and signs the agent's CSR, in one transaction.
+    pub async fn join(
+        &self,
+        cluster: &ClusterName,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, JoinError> {
+        let parts = JoinTokenParts::parse(token).ok_or_else(|| {
+            tracing::warn!(%cluster, "join refused: malformed token");
+            JoinError::TokenRefused
+        })?;
+        let now = Utc::now();
+        let tx = self.store.db.begin().await?;
+        let redeemed = join_token::Entity::update_many()
+            .col_expr(join_token::Column::UsedAt, Some(now).into())
+            .filter(join_token::Column::TokenHash.eq(hash_secret(&parts.secret)))
+            .filter(join_token::Column::ClusterName.eq(cluster.as_str()))
+            .filter(join_token::Column::UsedAt.is_null())
+            .filter(join_token::Column::ExpiresAt.gt(now))
+            .exec(&tx)
+            .await?;
+        if redeemed.rows_affected != 1 {
+            tracing::warn!(%cluster, "join refused: token unknown, expired, used or for another cluster");
+            return Err(JoinError::TokenRefused);
+        }
+        // A bad CSR rolls the redemption back: the operator's token is not wasted.
+        let issued = self
+            .pki
+            .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
+        agent_certificate::Entity::insert(agent_certificate::ActiveModel {
+            serial: Set(issued.serial.clone()),
+            cluster_name: Set(cluster.to_string()),
+            fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
+            not_before: Set(issued.not_before),
+            not_after: Set(issued.not_after),
+            revoked_at: Set(None),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(%cluster, serial = %issued.serial, "agent joined");
+        Ok(issued)
+    }
+
+    /// Whether a certificate the hub issued may still be used: known, for that cluster, not
+    /// revoked.
+    pub async fn certificate_is_valid(
+        &self,
+        serial: &str,
+        cluster: &ClusterName,
+    ) -> Result<bool, StoreError> {
+        let cert = agent_certificate::Entity::find_by_id(serial.to_owned())
+            .one(&self.store.db)
+            .await?;
+        Ok(cert.is_some_and(|c| c.revoked_at.is_none() && c.cluster_name == cluster.as_str()))
+    }
+
+    /// Revokes every certificate of a cluster (when it leaves the fleet); returns how many.
+    pub async fn revoke_cluster(&self, cluster: &ClusterName) -> Result<u64, StoreError> {
+        let res = agent_certificate::Entity::update_many()
+            .col_expr(
+                agent_certificate::Column::RevokedAt,
+                Some(Utc::now()).into(),
+            )
+            .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
+            .filter(agent_certificate::Column::RevokedAt.is_null())
+            .exec(&self.store.db)
+            .await?;
+        Ok(res.rows_affected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_only_in_their_own_shape() {
+        let secret = "a".repeat(43);
+        let ca = "0f".repeat(32);
+        let good = format!("{TOKEN_PREFIX}{secret}.{ca}");
+        assert_eq!(
+            JoinTokenParts::parse(&good),
+            Some(JoinTokenParts {
+                secret: secret.clone(),
+                ca_sha256: ca.clone()
+            })
+        );
+        for bad in [
+            format!("{secret}.{ca}"),
+            format!("{TOKEN_PREFIX}{secret}"),
+            format!("{TOKEN_PREFIX}{}.{ca}", "a".repeat(42)),
+            format!("{TOKEN_PREFIX}{secret}.{}", "zz".repeat(32)),
+        ] {
+            assert_eq!(JoinTokenParts::parse(&bad), None, "{bad}");
+        }
+    }
+}
