@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 struct HubProcess {
     child: Child,
     base: String,
+    agents: String,
 }
 
 impl HubProcess {
@@ -45,9 +46,33 @@ impl HubProcess {
             .strip_prefix("drover-hub listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {first}"))
             .to_owned();
+        let mut agents = String::new();
+        for _ in 0..5 {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                .await
+                .expect("drover-hub prints its endpoints")
+                .unwrap()
+                .unwrap_or_default();
+            if let Some(rest) = line.trim().strip_prefix("agents:") {
+                agents = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                break;
+            }
+        }
+        assert!(
+            agents.starts_with("https://"),
+            "the hub announces its agent endpoint"
+        );
         // Keep draining stdout so the hub never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        HubProcess { child, base }
+        HubProcess {
+            child,
+            base,
+            agents,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -259,4 +284,122 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
         hub.child.try_wait().unwrap().is_none(),
         "the hub never exited"
     );
+}
+
+fn agent(args: &[&str], data_dir: &Path) -> std::process::Output {
+    std::process::Command::new(binary("drover-agent").unwrap())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run drover-agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_a_hub_started_from_the_readme_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), None).await;
+    assert!(
+        dir.path().join("pki/ca.pem").exists(),
+        "the hub made its CA in --data-dir"
+    );
+    let http = reqwest::Client::new();
+    let resp = post_gql(
+        &http,
+        &hub.url("/graphql"),
+        r#"mutation { createJoinToken(cluster: "east-1") { token } }"#,
+    )
+    .await
+    .unwrap();
+    let token = resp["data"]["createJoinToken"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let out = agent(
+        &[
+            "join",
+            "--hub",
+            &hub.agents,
+            "--cluster",
+            "east-1",
+            "--join-token",
+            &token,
+        ],
+        agent_dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "join failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("as cluster east-1"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(agent_dir.path().join("agent-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the agent's key is private");
+    }
+    let out = agent(&["check", "--hub", &hub.agents], agent_dir.path());
+    assert!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cluster east-1"));
+
+    // The same token again: refused, with a clear message.
+    let other_dir = tempfile::tempdir().unwrap();
+    let out = agent(
+        &[
+            "join",
+            "--hub",
+            &hub.agents,
+            "--cluster",
+            "east-1",
+            "--join-token",
+            &token,
+        ],
+        other_dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already used"), "{err}");
+
+    // A token whose CA pin is not this hub's: the agent refuses to talk to the hub.
+    let resp = post_gql(
+        &http,
+        &hub.url("/graphql"),
+        r#"mutation { createJoinToken(cluster: "east-2") { token } }"#,
+    )
+    .await
+    .unwrap();
+    let token = resp["data"]["createJoinToken"]["token"].as_str().unwrap();
+    let (head, _) = token.rsplit_once('.').unwrap();
+    let wrong_pin = format!("{head}.{}", "ab".repeat(32));
+    let out = agent(
+        &[
+            "join",
+            "--hub",
+            &hub.agents,
+            "--cluster",
+            "east-2",
+            "--join-token",
+            &wrong_pin,
+        ],
+        other_dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CA pin"), "{err}");
+
+    // Checking without an identity says what to do.
+    let empty = tempfile::tempdir().unwrap();
+    let out = agent(&["check", "--hub", &hub.agents], empty.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("join first"));
 }

@@ -172,8 +172,19 @@ impl Pki {
         validity: Duration,
     ) -> Result<(IssuedCertificate, PrivateKeyDer<'static>), PkiError> {
         let key = KeyPair::generate().map_err(|e| PkiError::Issue(e.to_string()))?;
-        let mut params = CertificateParams::new(names.to_vec())
-            .map_err(|e| PkiError::Issue(format!("server names {names:?}: {e}")))?;
+        let mut params = CertificateParams::default();
+        for name in names {
+            // Agents may reach the hub by address as well as by name.
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone()
+                        .try_into()
+                        .map_err(|e| PkiError::Issue(format!("server name {name:?}: {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, "Drover hub");

@@ -1,5 +1,7 @@
-//! drover-agent: the spoke agent that runs on every cluster. It dials the hub, reports its
-//! cluster's inventory and executes the hub's commands. This crate is a skeleton until the agent
-//! issue lands; it already shares the hub's protocol types through drover-shared.
+//! drover-agent: the spoke agent that runs on every cluster. It joins the hub once (identity),
+//! then — with the agent issue's remaining work — keeps a session over which it reports its
+//! cluster and executes the hub's commands.
+
+pub mod identity;
 
 pub use drover_shared::inventory;

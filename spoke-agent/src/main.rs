@@ -1,25 +1,81 @@
-//! `drover-agent`: the spoke agent binary (skeleton: the hub session arrives with the agent issue).
+//! `drover-agent`: join a hub (`join`), check the stored identity (`check`).
 
-use clap::Parser;
+use std::path::PathBuf;
 
-/// Drover's spoke agent. Joining a hub is not implemented yet; this binary only validates its
-/// arguments so that deployment tooling can already call it.
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use drover_agent::identity::AgentIdentity;
+use drover_shared::ClusterName;
+
 #[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// The hub's agent URL, e.g. https://hub.example:8443
-    #[arg(long, env = "DROVER_HUB")]
-    hub: Option<String>,
-    /// This cluster's name in the fleet (a DNS-1123 label).
-    #[arg(long, env = "DROVER_CLUSTER")]
-    cluster: Option<drover_shared::ClusterName>,
+#[command(version, about = "Drover's spoke agent")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Args, Debug)]
+struct Common {
+    /// The hub's agent endpoint, e.g. https://hub.example:8443
+    #[arg(long, env = "DROVER_HUB", global = true)]
+    hub: Option<String>,
+    /// Where the agent keeps its key, certificate and state.
+    #[arg(
+        long,
+        env = "DROVER_AGENT_DATA_DIR",
+        default_value = "./drover-agent-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join the hub once with a token from `createJoinToken`; stores this cluster's identity.
+    Join {
+        /// This cluster's name in the fleet (a DNS-1123 label).
+        #[arg(long, env = "DROVER_CLUSTER")]
+        cluster: ClusterName,
+        /// The one-time token (it also pins the hub's CA).
+        #[arg(long, env = "DROVER_JOIN_TOKEN")]
+        join_token: String,
+    },
+    /// Check the stored identity against the hub over mutual TLS.
+    Check,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     drover_shared::telemetry::init();
-    let args = Args::parse();
-    tracing::info!(?args, "drover-agent skeleton");
-    anyhow::bail!(
-        "drover-agent cannot join a hub yet: the hub session is not implemented in this version"
-    )
+    let cli = Cli::parse();
+    let hub = cli
+        .common
+        .hub
+        .context("--hub (or DROVER_HUB) is required: the hub's agent endpoint, e.g. https://hub.example:8443")?;
+    match cli.command {
+        Command::Join {
+            cluster,
+            join_token,
+        } => {
+            let identity = AgentIdentity::join(&cli.common.data_dir, &hub, &cluster, &join_token)
+                .await
+                .context("joining the hub failed")?;
+            println!(
+                "joined {hub} as cluster {}; identity stored in {}",
+                identity.cluster,
+                cli.common.data_dir.display()
+            );
+        }
+        Command::Check => {
+            let identity = AgentIdentity::load(&cli.common.data_dir)?;
+            let cluster = identity
+                .check(&hub)
+                .await
+                .context("checking the identity with the hub failed")?;
+            println!("the hub knows this agent as cluster {cluster}");
+        }
+    }
+    Ok(())
 }
