@@ -130,26 +130,12 @@ impl AgentIdentity {
             .with_no_client_auth();
         let client = http_client(tls)?;
         let url = format!("{}/agent/v1/join", hub.trim_end_matches('/'));
-        let resp = client
-            .post(&url)
-            .json(&JoinRequest {
-                cluster: cluster.as_str(),
-                token: token.trim(),
-                csr: &csr,
-            })
-            .send()
-            .await
-            .map_err(|e| IdentityError::Unreachable {
-                url: url.clone(),
-                detail: chain(&e),
-            })?;
-        if !resp.status().is_success() {
-            return Err(refusal(resp).await);
-        }
-        let joined: JoinResponse = resp
-            .json()
-            .await
-            .map_err(|e| IdentityError::Refused(format!("unreadable join response: {e}")))?;
+        let request = client.post(&url).json(&JoinRequest {
+            cluster: cluster.as_str(),
+            token: token.trim(),
+            csr: &csr,
+        });
+        let joined: JoinResponse = call(request, &url).await?;
         let identity = Self {
             cluster: cluster.clone(),
             ca_pem: joined.ca,
@@ -231,23 +217,29 @@ impl AgentIdentity {
         }
         let client = http_client(self.client_config()?)?;
         let url = format!("{}/agent/v1/identity", hub.trim_end_matches('/'));
-        let resp = client
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| IdentityError::Unreachable {
-                url: url.clone(),
-                detail: chain(&e),
-            })?;
-        if !resp.status().is_success() {
-            return Err(refusal(resp).await);
-        }
-        let who: Identity = resp
-            .json()
-            .await
-            .map_err(|e| IdentityError::Refused(format!("unreadable identity response: {e}")))?;
+        let who: Identity = call(client.get(&url), &url).await?;
         ClusterName::new(who.cluster).map_err(|e| IdentityError::Refused(e.to_string()))
     }
+}
+
+/// Sends a request to the hub and decodes its JSON answer, or says why not.
+async fn call<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<T, IdentityError> {
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| IdentityError::Unreachable {
+            url: url.to_owned(),
+            detail: chain(&e),
+        })?;
+    if !resp.status().is_success() {
+        return Err(refusal(resp).await);
+    }
+    resp.json()
+        .await
+        .map_err(|e| IdentityError::Refused(format!("unreadable answer from {url}: {e}")))
 }
 
 /// An error and all its causes on one line (reqwest's own message leaves the cause out).
