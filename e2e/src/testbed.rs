@@ -239,3 +239,45 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     );
     Ok(path)
 }
+
+/// A cluster whose inventory a test controls, reported through the agent's real session code
+/// (the QEMU runtime will be the real source).
+pub struct TestCluster {
+    state: std::sync::Mutex<(Vec<NodeInfo>, Vec<VmInfo>)>,
+    changes: tokio::sync::broadcast::Sender<Vec<InventoryChange>>,
+}
+
+impl TestCluster {
+    pub fn new(vms: Vec<VmInfo>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            state: std::sync::Mutex::new((vec![node("node-a", 64, 16)], vms)),
+            changes: tokio::sync::broadcast::channel(64).0,
+        })
+    }
+
+    pub fn add_vm(&self, v: VmInfo) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .push(v.clone());
+        let _ = self
+            .changes
+            .send(vec![InventoryChange::VmUpserted { vm: v }]);
+    }
+}
+
+impl drover_agent::session::InventorySource for TestCluster {
+    fn snapshot(&self) -> (ClusterInfo, Vec<NodeInfo>, Vec<VmInfo>) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (cluster_info(), s.0.clone(), s.1.clone())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Vec<InventoryChange>> {
+        self.changes.subscribe()
+    }
+
+    fn health(&self) -> (drover_shared::protocol::ReportedHealth, Option<String>) {
+        (drover_shared::protocol::ReportedHealth::Ready, None)
+    }
+}

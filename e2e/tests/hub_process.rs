@@ -20,11 +20,19 @@ struct HubProcess {
 
 impl HubProcess {
     async fn start(data_dir: &Path, database_url: Option<&str>) -> HubProcess {
+        Self::start_with_agent_port(data_dir, database_url, 0).await
+    }
+
+    async fn start_with_agent_port(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        agent_port: u16,
+    ) -> HubProcess {
         let mut cmd = Command::new(binary("drover-hub").unwrap());
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--agent-listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("127.0.0.1:{agent_port}"))
             .arg("--data-dir")
             .arg(data_dir)
             .env_remove("DATABASE_URL")
@@ -402,4 +410,92 @@ async fn an_agent_joins_a_hub_started_from_the_readme_once() {
     let out = agent(&["check", "--hub", &hub.agents], empty.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("join first"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
+    use drover_agent::session::{self, SessionStatus};
+    use drover_e2e::testbed::{vm, TestCluster};
+    let agent_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start_with_agent_port(dir.path(), None, agent_port).await;
+    let http = reqwest::Client::new();
+    let resp = post_gql(
+        &http,
+        &hub.url("/graphql"),
+        r#"mutation { createJoinToken(cluster: "east-1") { token } }"#,
+    )
+    .await
+    .unwrap();
+    let token = resp["data"]["createJoinToken"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let cluster_name = drover_shared::ClusterName::new("east-1").unwrap();
+    let identity = std::sync::Arc::new(
+        drover_agent::identity::AgentIdentity::join(
+            agent_dir.path(),
+            &hub.agents,
+            &cluster_name,
+            &token,
+        )
+        .await
+        .unwrap(),
+    );
+    let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
+    let (status_tx, mut status) = tokio::sync::watch::channel(SessionStatus::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(session::run(
+        identity,
+        hub.agents.clone(),
+        cluster.clone(),
+        status_tx,
+        stopped,
+    ));
+
+    let count = async |hub: &HubProcess| -> Option<i64> {
+        let d = post_gql(
+            &reqwest::Client::new(),
+            &hub.url("/graphql"),
+            r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
+        )
+        .await
+        .ok()?;
+        d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
+    };
+    poll(
+        "the agent's snapshot",
+        Duration::from_secs(20),
+        async || (count(&hub).await == Some(2)).then_some(()),
+    )
+    .await;
+
+    // kill -9: the agent notices, the cluster changes meanwhile.
+    hub.child.start_kill().unwrap();
+    let _ = hub.child.wait().await;
+    tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| !s.connected))
+        .await
+        .expect("the agent notices the hub is gone")
+        .unwrap();
+    cluster.add_vm(vm("web", "api-3", 3));
+
+    let hub = HubProcess::start_with_agent_port(dir.path(), None, agent_port).await;
+    poll(
+        "the agent to reconnect and resynchronise",
+        Duration::from_secs(40),
+        async || (count(&hub).await == Some(3)).then_some(()),
+    )
+    .await;
+    assert!(
+        status.borrow().sessions_opened >= 2,
+        "{:?}",
+        *status.borrow()
+    );
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
 }

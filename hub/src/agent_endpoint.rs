@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{Identities, JoinError};
+use crate::sessions::Sessions;
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,27 +140,68 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 #[derive(Clone)]
 struct AgentState {
     identities: Identities,
+    sessions: Sessions,
 }
 
-pub fn router(identities: Identities) -> Router {
+pub fn router(identities: Identities, sessions: Sessions) -> Router {
     Router::new()
         .route("/agent/v1/join", post(join))
         .route("/agent/v1/identity", get(identity))
-        .with_state(AgentState { identities })
+        .route(drover_shared::protocol::SESSION_PATH, get(session))
+        .with_state(AgentState {
+            identities,
+            sessions,
+        })
 }
 
-/// Serves the agent endpoint on `listener` until `shutdown` resolves.
+/// Serves the agent endpoint on `listener`, and sweeps for silent clusters, until `shutdown`
+/// resolves.
 pub async fn serve(
     listener: TlsListener,
     identities: Identities,
+    sessions: Sessions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    let (stop_sweep, swept) = tokio::sync::oneshot::channel::<()>();
+    let sweeper = {
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            sessions
+                .sweep(async {
+                    let _ = swept.await;
+                })
+                .await
+        })
+    };
+    let served = axum::serve(
         listener,
-        router(identities).into_make_service_with_connect_info::<AgentPeer>(),
+        router(identities, sessions).into_make_service_with_connect_info::<AgentPeer>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    let _ = stop_sweep.send(());
+    let _ = sweeper.await;
+    served
+}
+
+/// Opens an agent session: the certificate is checked before the WebSocket is accepted.
+async fn session(
+    State(state): State<AgentState>,
+    ConnectInfo(peer): ConnectInfo<AgentPeer>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    match authenticate(&state.identities, &peer).await {
+        Ok(cluster) => state.sessions.accept(upgrade, cluster),
+        Err(e) => {
+            tracing::warn!(peer = %peer.addr, error = %e, "agent session refused");
+            let status = match e {
+                AuthError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::NoCertificate => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::FORBIDDEN,
+            };
+            error(status, "UNAUTHENTICATED", e.to_string())
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use crate::ingest::Ingest;
 use crate::pki::{Pki, PkiError};
 use crate::read::StoreReader;
 use crate::server::{self, App};
+use crate::sessions::{SessionTiming, Sessions};
 use crate::store::{redact, Store, StoreError};
 
 #[derive(Clone)]
@@ -22,6 +23,7 @@ pub struct Hub {
     pub store: Store,
     pub ingest: Ingest,
     pub identities: Identities,
+    pub sessions: Sessions,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
 }
@@ -66,10 +68,12 @@ impl Hub {
         });
         let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
         let ingest = Ingest::new(store.clone(), events.clone());
+        let sessions = Sessions::new(ingest.clone(), SessionTiming::default());
         Self {
             store,
             ingest,
             identities,
+            sessions,
             schema,
             events,
         }
@@ -94,7 +98,19 @@ impl Hub {
         listener: TlsListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        agent_endpoint::serve(listener, self.identities.clone(), shutdown).await
+        agent_endpoint::serve(
+            listener,
+            self.identities.clone(),
+            self.sessions.clone(),
+            shutdown,
+        )
+        .await
+    }
+
+    /// The same hub with other session timing (tests use short heartbeats).
+    pub fn with_session_timing(mut self, timing: SessionTiming) -> Self {
+        self.sessions = Sessions::new(self.ingest.clone(), timing);
+        self
     }
 
     pub fn router(&self) -> axum::Router {

@@ -377,6 +377,80 @@ impl Ingest {
         Ok(())
     }
 
+    /// Records a heartbeat: the agent's judgement of its cluster, and when it was last heard.
+    pub async fn record_heartbeat(
+        &self,
+        cluster: &str,
+        health: ClusterHealth,
+    ) -> Result<(), IngestError> {
+        let _turn = self.write_turn().await;
+        let now = Utc::now();
+        let changed = cluster::Entity::update_many()
+            .col_expr(cluster::Column::Health, health.as_str().into())
+            .col_expr(cluster::Column::LastHeartbeatAt, Some(now).into())
+            .col_expr(cluster::Column::UpdatedAt, now.into())
+            .filter(cluster::Column::Name.eq(cluster))
+            .filter(cluster::Column::Health.ne(health.as_str()))
+            .exec(&self.store.db)
+            .await?;
+        if changed.rows_affected > 0 {
+            tracing::info!(%cluster, health = health.as_str(), "cluster health changed");
+            self.publish(cluster, Uuid::nil(), InventoryEventKind::Status, -1, 0, now);
+        } else {
+            cluster::Entity::update_many()
+                .col_expr(cluster::Column::LastHeartbeatAt, Some(now).into())
+                .filter(cluster::Column::Name.eq(cluster))
+                .exec(&self.store.db)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Marks `Unreachable` every cluster with an agent identity whose last heartbeat is older
+    /// than `silence`; returns their names. Clusters without an agent (seeded demo fleets) are
+    /// left alone. Being unreachable never starts anything by itself.
+    pub async fn mark_silent_clusters_unreachable(
+        &self,
+        silence: std::time::Duration,
+    ) -> Result<Vec<String>, IngestError> {
+        let _turn = self.write_turn().await;
+        let now = Utc::now();
+        let cutoff = now - chrono::Duration::from_std(silence).unwrap_or_default();
+        let mut sql = Sql::new(self.store.backend());
+        sql.push("SELECT name FROM clusters WHERE health <> ")
+            .bind(ClusterHealth::Unreachable.as_str())
+            .push(" AND (last_heartbeat_at IS NULL OR last_heartbeat_at < ")
+            .bind(cutoff)
+            .push(") AND name IN (SELECT cluster_name FROM agent_certificates WHERE revoked_at IS NULL)");
+        let rows = self.store.db.query_all(sql.build()).await?;
+        let mut names = Vec::with_capacity(rows.len());
+        for row in rows {
+            names.push(row.try_get::<String>("", "name")?);
+        }
+        if names.is_empty() {
+            return Ok(names);
+        }
+        cluster::Entity::update_many()
+            .col_expr(
+                cluster::Column::Health,
+                ClusterHealth::Unreachable.as_str().into(),
+            )
+            .col_expr(cluster::Column::UpdatedAt, now.into())
+            .filter(cluster::Column::Name.is_in(names.clone()))
+            .filter(
+                cluster::Column::LastHeartbeatAt
+                    .lt(cutoff)
+                    .or(cluster::Column::LastHeartbeatAt.is_null()),
+            )
+            .exec(&self.store.db)
+            .await?;
+        for name in &names {
+            tracing::warn!(cluster = %name, ?silence, "cluster unreachable: no heartbeat");
+            self.publish(name, Uuid::nil(), InventoryEventKind::Status, -1, 0, now);
+        }
+        Ok(names)
+    }
+
     fn committed(
         &self,
         cluster: &str,

@@ -10,6 +10,7 @@ pub mod pki;
 pub mod read;
 pub mod seed;
 pub mod server;
+pub mod sessions;
 pub mod store;
 
 pub use hub::Hub;

@@ -6,6 +6,7 @@ pub mod identity;
 pub mod ids;
 pub mod inventory;
 pub mod labels;
+pub mod protocol;
 pub mod telemetry;
 
 pub use ids::{ClusterName, InvalidName, MigrationId, Namespace, VmName, VmRef};

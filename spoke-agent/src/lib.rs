@@ -3,5 +3,6 @@
 //! cluster and executes the hub's commands.
 
 pub mod identity;
+pub mod session;
 
 pub use drover_shared::inventory;

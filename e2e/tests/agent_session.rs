@@ -1,0 +1,313 @@
+//! Agent sessions over the real protocol and real mutual TLS: an agent that joined reports its
+//! cluster (snapshot, then deltas) and heartbeats; silence makes the cluster Unreachable without
+//! losing its inventory; a certificate cannot report for another cluster; agents reconnect and
+//! resynchronise after the hub is killed and restarted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_agent::identity::AgentIdentity;
+use drover_agent::session::{self, SessionStatus};
+use drover_e2e::testbed::{vm, Backend, TestCluster, TestHub};
+use drover_hub::sessions::SessionTiming;
+use drover_shared::protocol::{AgentMessage, HubMessage};
+use drover_shared::ClusterName;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+const FAST: SessionTiming = SessionTiming {
+    heartbeat_interval: Duration::from_millis(500),
+    silence_limit: Duration::from_secs(2),
+    hello_timeout: Duration::from_secs(5),
+};
+
+struct Endpoint {
+    hub: TestHub,
+    base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn endpoint(name: &str) -> Endpoint {
+    let mut hub = TestHub::new(Backend::Sqlite, name).await.unwrap();
+    hub.hub = hub.hub.clone().with_session_timing(FAST);
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let listener = hub.hub.agent_listener(tcp, &["127.0.0.1".into()]).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let h = hub.hub.clone();
+    tokio::spawn(async move {
+        let _ = h
+            .serve_agents(listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Endpoint {
+        hub,
+        base: format!("https://127.0.0.1:{port}"),
+        _stop: stop,
+    }
+}
+
+async fn joined(
+    hub: &TestHub,
+    base: &str,
+    cluster: &str,
+    dir: &std::path::Path,
+) -> Arc<AgentIdentity> {
+    let cluster = ClusterName::new(cluster).unwrap();
+    let token = hub
+        .hub
+        .identities
+        .create_join_token(&cluster, Duration::from_secs(600), "test")
+        .await
+        .unwrap();
+    Arc::new(
+        AgentIdentity::join(dir, base, &cluster, &token.token)
+            .await
+            .unwrap(),
+    )
+}
+
+struct RunningAgent {
+    status: watch::Receiver<SessionStatus>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    fn start(identity: Arc<AgentIdentity>, base: &str, source: Arc<TestCluster>) -> Self {
+        let (status_tx, status) = watch::channel(SessionStatus::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(session::run(
+            identity,
+            base.to_owned(),
+            source,
+            status_tx,
+            stopped,
+        ));
+        Self { status, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+async fn eventually(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !probe().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn cluster_view(hub: &TestHub, name: &str) -> Value {
+    let resp = hub
+        .gql(
+            "query($c: String!) { cluster(name: $c) { health inventoryGeneration lastHeartbeatAt
+               virtualMachines { totalCount edges { node { name } } } } }",
+            json!({"c": name}),
+        )
+        .await;
+    resp["data"]["cluster"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reports_its_cluster_and_a_silent_one_becomes_unreachable() {
+    let e = endpoint("session_report").await;
+    let dir = tempfile::tempdir().unwrap();
+    let identity = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
+    let agent = RunningAgent::start(identity.clone(), &e.base, cluster.clone());
+
+    eventually(
+        "the snapshot in GraphQL",
+        Duration::from_secs(15),
+        async || cluster_view(&e.hub, "east-1").await["virtualMachines"]["totalCount"] == 2,
+    )
+    .await;
+    cluster.add_vm(vm("web", "api-3", 3));
+    eventually(
+        "the delta in GraphQL",
+        Duration::from_secs(15),
+        async || cluster_view(&e.hub, "east-1").await["virtualMachines"]["totalCount"] == 3,
+    )
+    .await;
+    let view = cluster_view(&e.hub, "east-1").await;
+    assert_eq!(view["health"], "READY");
+    assert!(agent.status.borrow().connected);
+    assert_eq!(e.hub.hub.sessions.live_count(), 1);
+
+    // The agent goes silent: the cluster becomes Unreachable, its inventory stays.
+    agent.stop().await;
+    eventually("UNREACHABLE", Duration::from_secs(15), async || {
+        cluster_view(&e.hub, "east-1").await["health"] == "UNREACHABLE"
+    })
+    .await;
+    assert_eq!(
+        cluster_view(&e.hub, "east-1").await["virtualMachines"]["totalCount"],
+        3
+    );
+
+    // It comes back: Ready again, resynchronised by a newer snapshot.
+    let before = cluster_view(&e.hub, "east-1").await["inventoryGeneration"]
+        .as_i64()
+        .unwrap();
+    let again = RunningAgent::start(identity, &e.base, cluster);
+    eventually("READY again", Duration::from_secs(15), async || {
+        let v = cluster_view(&e.hub, "east-1").await;
+        v["health"] == "READY" && v["inventoryGeneration"].as_i64().unwrap() > before
+    })
+    .await;
+    again.stop().await;
+}
+
+/// A raw protocol client presenting `identity`'s certificate.
+async fn raw_session(
+    identity: &AgentIdentity,
+    base: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!(
+        "{}{}",
+        base.replacen("https://", "wss://", 1),
+        drover_shared::protocol::SESSION_PATH
+    );
+    let connector =
+        tokio_tungstenite::Connector::Rustls(Arc::new(identity.client_config().unwrap()));
+    tokio_tungstenite::connect_async_tls_with_config(&url, None, false, Some(connector))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn next_hub_message<S>(ws: &mut S) -> Option<HubMessage>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??
+        {
+            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn send(msg: &AgentMessage) -> Message {
+    Message::Text(serde_json::to_string(msg).unwrap().into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_cannot_report_for_another_cluster() {
+    let e = endpoint("session_wrong_cluster").await;
+    let dir = tempfile::tempdir().unwrap();
+    let east = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+
+    // Hello naming another cluster.
+    let mut ws = raw_session(&east, &e.base).await;
+    ws.send(send(&AgentMessage::Hello {
+        cluster: ClusterName::new("west-1").unwrap(),
+        protocol_versions: vec![1],
+        agent_version: "test".into(),
+    }))
+    .await
+    .unwrap();
+    match next_hub_message(&mut ws).await {
+        Some(HubMessage::Refused { code, .. }) => assert_eq!(code, "WRONG_CLUSTER"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // A proper hello, then a snapshot for another cluster: refused and the session ends.
+    let mut ws = raw_session(&east, &e.base).await;
+    ws.send(send(&AgentMessage::Hello {
+        cluster: ClusterName::new("east-1").unwrap(),
+        protocol_versions: vec![1],
+        agent_version: "test".into(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_hub_message(&mut ws).await,
+        Some(HubMessage::Welcome {
+            protocol_version: 1,
+            ..
+        })
+    ));
+    let snap = drover_e2e::testbed::snapshot("west-1", 1, vec![], vec![vm("web", "intruder", 9)]);
+    ws.send(send(&AgentMessage::Snapshot(Box::new(snap))))
+        .await
+        .unwrap();
+    match next_hub_message(&mut ws).await {
+        Some(HubMessage::Refused { code, .. }) => assert_eq!(code, "WRONG_CLUSTER"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        next_hub_message(&mut ws).await.is_none(),
+        "the hub ends the session"
+    );
+    let resp = e
+        .hub
+        .gql(r#"{ cluster(name: "west-1") { name } }"#, json!({}))
+        .await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&resp).as_deref(),
+        Some("NOT_FOUND"),
+        "nothing was written for west-1"
+    );
+
+    // An unsupported protocol version is refused with a hint.
+    let mut ws = raw_session(&east, &e.base).await;
+    ws.send(send(&AgentMessage::Hello {
+        cluster: ClusterName::new("east-1").unwrap(),
+        protocol_versions: vec![99],
+        agent_version: "future".into(),
+    }))
+    .await
+    .unwrap();
+    match next_hub_message(&mut ws).await {
+        Some(HubMessage::Refused { code, message, .. }) => {
+            assert_eq!(code, "UNSUPPORTED_VERSION");
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_replaces_an_older_one() {
+    let e = endpoint("session_replace").await;
+    let dir = tempfile::tempdir().unwrap();
+    let east = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    let hello = AgentMessage::Hello {
+        cluster: ClusterName::new("east-1").unwrap(),
+        protocol_versions: vec![1],
+        agent_version: "test".into(),
+    };
+    let mut first = raw_session(&east, &e.base).await;
+    first.send(send(&hello)).await.unwrap();
+    assert!(matches!(
+        next_hub_message(&mut first).await,
+        Some(HubMessage::Welcome { .. })
+    ));
+    let mut second = raw_session(&east, &e.base).await;
+    second.send(send(&hello)).await.unwrap();
+    assert!(matches!(
+        next_hub_message(&mut second).await,
+        Some(HubMessage::Welcome { .. })
+    ));
+    match next_hub_message(&mut first).await {
+        Some(HubMessage::Goodbye { reason }) => assert!(reason.contains("replaced"), "{reason}"),
+        other => panic!("expected goodbye, got {other:?}"),
+    }
+    assert_eq!(e.hub.hub.sessions.live_count(), 1);
+}

@@ -1,0 +1,341 @@
+//! Agent sessions on the hub: one WebSocket per agent on the mutual-TLS endpoint, bound to the
+//! cluster its certificate names. The session ingests what the agent reports through the normal
+//! ingest path, records heartbeats, and ends on silence; a newer session of the same cluster
+//! replaces an older one. A sweeper marks clusters whose agents fell silent `Unreachable`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use drover_shared::inventory::ClusterHealth;
+use drover_shared::protocol::{negotiate, AgentMessage, HubMessage, ReportedHealth};
+use drover_shared::ClusterName;
+use tokio::sync::oneshot;
+
+use crate::ingest::{Ingest, IngestError};
+
+/// Timing of sessions; tests shorten it.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTiming {
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a session is closed and its cluster counts as unreachable.
+    pub silence_limit: Duration,
+    /// How long an agent may take to say hello.
+    pub hello_timeout: Duration,
+}
+
+impl Default for SessionTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            silence_limit: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A live session: its id, and how to tell it to end.
+type LiveSession = (u64, oneshot::Sender<String>);
+
+/// The live sessions, one per cluster.
+#[derive(Clone)]
+pub struct Sessions {
+    ingest: Ingest,
+    timing: SessionTiming,
+    live: Arc<Mutex<HashMap<ClusterName, LiveSession>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Largest message an agent may send (a snapshot of a big cluster fits comfortably).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+impl Sessions {
+    pub fn new(ingest: Ingest, timing: SessionTiming) -> Self {
+        Self {
+            ingest,
+            timing,
+            live: Arc::default(),
+            next_id: Arc::default(),
+        }
+    }
+
+    pub fn timing(&self) -> SessionTiming {
+        self.timing
+    }
+
+    /// How many sessions are open now.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Upgrades an authenticated connection to a session for `cluster`.
+    pub fn accept(
+        &self,
+        upgrade: WebSocketUpgrade,
+        cluster: ClusterName,
+    ) -> axum::response::Response {
+        let sessions = self.clone();
+        upgrade
+            .max_message_size(MAX_MESSAGE_BYTES)
+            .on_upgrade(move |socket| async move { sessions.run(socket, cluster).await })
+    }
+
+    fn register(&self, cluster: &ClusterName) -> (u64, oneshot::Receiver<String>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, old)) = live.insert(cluster.clone(), (id, tx)) {
+            let _ = old.send("replaced by a newer session of the same cluster".into());
+        }
+        metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
+        (id, rx)
+    }
+
+    fn unregister(&self, cluster: &ClusterName, id: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(cluster).is_some_and(|(current, _)| *current == id) {
+            live.remove(cluster);
+        }
+        metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
+    }
+
+    async fn run(self, mut socket: WebSocket, cluster: ClusterName) {
+        let hello = match tokio::time::timeout(self.timing.hello_timeout, recv(&mut socket)).await {
+            Ok(Some(AgentMessage::Hello {
+                cluster: claimed,
+                protocol_versions,
+                agent_version,
+            })) => {
+                if claimed != cluster {
+                    tracing::warn!(%cluster, %claimed, "agent refused: its certificate is for another cluster");
+                    refuse(
+                        &mut socket,
+                        "WRONG_CLUSTER",
+                        format!("this certificate speaks for cluster {cluster}, not {claimed}"),
+                        false,
+                    )
+                    .await;
+                    return;
+                }
+                (protocol_versions, agent_version)
+            }
+            Ok(_) => {
+                refuse(
+                    &mut socket,
+                    "PROTOCOL",
+                    "the first message must be hello".into(),
+                    false,
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%cluster, "agent session closed: no hello in time");
+                return;
+            }
+        };
+        let Some(version) = negotiate(&hello.0) else {
+            refuse(
+                &mut socket,
+                "UNSUPPORTED_VERSION",
+                format!(
+                    "this hub speaks protocol versions {:?}; upgrade the agent",
+                    drover_shared::protocol::PROTOCOL_VERSIONS
+                ),
+                false,
+            )
+            .await;
+            return;
+        };
+        if send(
+            &mut socket,
+            &HubMessage::Welcome {
+                protocol_version: version,
+                heartbeat_interval_secs: self.timing.heartbeat_interval.as_secs().max(1) as u32,
+            },
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        let (id, mut replaced) = self.register(&cluster);
+        tracing::info!(%cluster, agent_version = %hello.1, "agent session open");
+        loop {
+            tokio::select! {
+                reason = &mut replaced => {
+                    let reason = reason.unwrap_or_else(|_| "hub shutting down".into());
+                    let _ = send(&mut socket, &HubMessage::Goodbye { reason }).await;
+                    break;
+                }
+                msg = tokio::time::timeout(self.timing.silence_limit, recv(&mut socket)) => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::warn!(%cluster, "agent session closed: silent for {:?}", self.timing.silence_limit);
+                            let _ = send(&mut socket, &HubMessage::Goodbye { reason: "no heartbeat".into() }).await;
+                            break;
+                        }
+                    };
+                    if !self.handle(&mut socket, &cluster, msg).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.unregister(&cluster, id);
+        tracing::info!(%cluster, "agent session closed");
+    }
+
+    /// Handles one message; false ends the session.
+    async fn handle(
+        &self,
+        socket: &mut WebSocket,
+        cluster: &ClusterName,
+        msg: AgentMessage,
+    ) -> bool {
+        let result = match msg {
+            AgentMessage::Hello { .. } => {
+                refuse(socket, "PROTOCOL", "hello was already said".into(), false).await;
+                return false;
+            }
+            AgentMessage::Snapshot(snap) => {
+                if &snap.cluster != cluster {
+                    tracing::warn!(%cluster, claimed = %snap.cluster, "agent refused: reported for another cluster");
+                    refuse(
+                        socket,
+                        "WRONG_CLUSTER",
+                        format!(
+                            "this session is for cluster {cluster}, not {}",
+                            snap.cluster
+                        ),
+                        false,
+                    )
+                    .await;
+                    return false;
+                }
+                self.ingest
+                    .apply_snapshot(&snap)
+                    .await
+                    .map(|o| o.generation)
+            }
+            AgentMessage::Delta(delta) => {
+                if &delta.cluster != cluster {
+                    tracing::warn!(%cluster, claimed = %delta.cluster, "agent refused: reported for another cluster");
+                    refuse(
+                        socket,
+                        "WRONG_CLUSTER",
+                        format!(
+                            "this session is for cluster {cluster}, not {}",
+                            delta.cluster
+                        ),
+                        false,
+                    )
+                    .await;
+                    return false;
+                }
+                self.ingest.apply_delta(&delta).await.map(|o| o.generation)
+            }
+            AgentMessage::Heartbeat { health, reason } => {
+                let health = match health {
+                    ReportedHealth::Ready => ClusterHealth::Ready,
+                    ReportedHealth::Degraded => ClusterHealth::Degraded,
+                };
+                if let Some(reason) = reason {
+                    tracing::debug!(%cluster, %reason, "agent reports degraded");
+                }
+                if let Err(e) = self.ingest.record_heartbeat(cluster.as_str(), health).await {
+                    tracing::warn!(%cluster, error = %e, "recording a heartbeat failed");
+                }
+                return true;
+            }
+        };
+        let reply = match result {
+            Ok(generation) => HubMessage::Applied { generation },
+            Err(e) => {
+                let (code, resync) = match &e {
+                    IngestError::StaleGeneration { .. } => ("STALE_GENERATION", true),
+                    IngestError::UnknownCluster { .. } => ("SNAPSHOT_REQUIRED", true),
+                    IngestError::Invalid(_) => ("INVALID_INVENTORY", false),
+                    _ => ("UNAVAILABLE", true),
+                };
+                tracing::warn!(%cluster, error = %e, "agent inventory refused");
+                HubMessage::Refused {
+                    code: code.into(),
+                    message: e.to_string(),
+                    resync,
+                }
+            }
+        };
+        send(socket, &reply).await.is_ok()
+    }
+
+    /// Runs the unreachable sweep every heartbeat interval until `shutdown` resolves.
+    pub async fn sweep(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.timing.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.ingest.mark_silent_clusters_unreachable(self.timing.silence_limit).await {
+                        tracing::warn!(error = %e, "unreachable sweep failed; retrying next interval");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn recv(socket: &mut WebSocket) -> Option<AgentMessage> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Text(text)) => match serde_json::from_str(&text) {
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent sent a message this hub cannot read");
+                    let _ = send(
+                        socket,
+                        &HubMessage::Refused {
+                            code: "MALFORMED".into(),
+                            message: format!("unreadable message: {e}"),
+                            resync: false,
+                        },
+                    )
+                    .await;
+                    return None;
+                }
+            },
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue, // pings are answered by the library
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, msg: &HubMessage) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(msg).unwrap_or_default();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        socket.send(Message::Text(text.into())),
+    )
+    .await
+    .map_err(|_| axum::Error::new(std::io::Error::other("send timed out")))?
+}
+
+async fn refuse(socket: &mut WebSocket, code: &str, message: String, resync: bool) {
+    let _ = send(
+        socket,
+        &HubMessage::Refused {
+            code: code.into(),
+            message,
+            resync,
+        },
+    )
+    .await;
+    let _ = socket.send(Message::Close(None)).await;
+}
