@@ -371,3 +371,36 @@ async fn plain_tcp_gets_no_answer() {
         "plain TCP must not be served: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_certificate_and_recovers_an_interrupted_renewal() {
+    use drover_agent::identity::AgentIdentity;
+    let e = endpoint("renewal").await;
+    let token = create_token(&e, "east-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ClusterName::new("east-1").unwrap();
+    let mut identity = AgentIdentity::join(dir.path(), &e.base, &cluster, &token)
+        .await
+        .unwrap();
+    assert!(!identity.renewal_due(), "a fresh certificate is not due");
+    let before = identity.cert_pem.clone();
+    identity.renew(dir.path(), &e.base).await.unwrap();
+    assert_ne!(identity.cert_pem, before, "a new certificate");
+    assert_eq!(identity.check(&e.base).await.unwrap(), cluster);
+    // What is on disk is what renewal produced, and it works.
+    let loaded = AgentIdentity::load(dir.path()).unwrap();
+    assert_eq!(loaded.cert_pem, identity.cert_pem);
+    assert_eq!(loaded.check(&e.base).await.unwrap(), cluster);
+
+    // A renewal interrupted before its certificate was written is dropped on load: key and
+    // certificate still match.
+    std::fs::write(dir.path().join("agent-key.pem.new"), "half-written").unwrap();
+    let loaded = AgentIdentity::load(dir.path()).unwrap();
+    assert!(!dir.path().join("agent-key.pem.new").exists());
+    assert_eq!(loaded.check(&e.base).await.unwrap(), cluster);
+
+    // Without a valid certificate, renewal is refused.
+    e.hub.hub.identities.revoke_cluster(&cluster).await.unwrap();
+    let err = identity.renew(dir.path(), &e.base).await.unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+}

@@ -78,11 +78,13 @@ struct RunningAgent {
 }
 
 impl RunningAgent {
-    fn start(identity: Arc<AgentIdentity>, base: &str, source: Arc<TestCluster>) -> Self {
+    fn start(dir: &std::path::Path, base: &str, source: Arc<TestCluster>) -> Self {
+        let identity = AgentIdentity::load(dir).unwrap();
         let (status_tx, status) = watch::channel(SessionStatus::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(session::run(
             identity,
+            dir.to_owned(),
             base.to_owned(),
             source,
             status_tx,
@@ -123,9 +125,9 @@ async fn cluster_view(hub: &TestHub, name: &str) -> Value {
 async fn an_agent_reports_its_cluster_and_a_silent_one_becomes_unreachable() {
     let e = endpoint("session_report").await;
     let dir = tempfile::tempdir().unwrap();
-    let identity = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    joined(&e.hub, &e.base, "east-1", dir.path()).await;
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
-    let agent = RunningAgent::start(identity.clone(), &e.base, cluster.clone());
+    let agent = RunningAgent::start(dir.path(), &e.base, cluster.clone());
 
     eventually(
         "the snapshot in GraphQL",
@@ -160,7 +162,7 @@ async fn an_agent_reports_its_cluster_and_a_silent_one_becomes_unreachable() {
     let before = cluster_view(&e.hub, "east-1").await["inventoryGeneration"]
         .as_i64()
         .unwrap();
-    let again = RunningAgent::start(identity, &e.base, cluster);
+    let again = RunningAgent::start(dir.path(), &e.base, cluster);
     eventually("READY again", Duration::from_secs(15), async || {
         let v = cluster_view(&e.hub, "east-1").await;
         v["health"] == "READY" && v["inventoryGeneration"].as_i64().unwrap() > before

@@ -437,21 +437,20 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
         .to_owned();
     let agent_dir = tempfile::tempdir().unwrap();
     let cluster_name = drover_shared::ClusterName::new("east-1").unwrap();
-    let identity = std::sync::Arc::new(
-        drover_agent::identity::AgentIdentity::join(
-            agent_dir.path(),
-            &hub.agents,
-            &cluster_name,
-            &token,
-        )
-        .await
-        .unwrap(),
-    );
+    let identity = drover_agent::identity::AgentIdentity::join(
+        agent_dir.path(),
+        &hub.agents,
+        &cluster_name,
+        &token,
+    )
+    .await
+    .unwrap();
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
     let (status_tx, mut status) = tokio::sync::watch::channel(SessionStatus::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(session::run(
         identity,
+        agent_dir.path().to_owned(),
         hub.agents.clone(),
         cluster.clone(),
         status_tx,

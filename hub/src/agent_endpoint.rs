@@ -147,6 +147,7 @@ pub fn router(identities: Identities, sessions: Sessions) -> Router {
     Router::new()
         .route("/agent/v1/join", post(join))
         .route("/agent/v1/identity", get(identity))
+        .route("/agent/v1/renew", post(renew))
         .route(drover_shared::protocol::SESSION_PATH, get(session))
         .with_state(AgentState {
             identities,
@@ -309,6 +310,60 @@ pub async fn authenticate(
         Err(e) => {
             tracing::error!(error = %e, "certificate check failed");
             Err(AuthError::Unavailable)
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// PEM certificate signing request made with the agent's new key.
+    pub csr: String,
+}
+
+fn auth_refusal(peer: &AgentPeer, e: AuthError) -> Response {
+    tracing::warn!(peer = %peer.addr, error = %e, "agent refused");
+    let status = match e {
+        AuthError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        AuthError::NoCertificate => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::FORBIDDEN,
+    };
+    error(status, "UNAUTHENTICATED", e.to_string())
+}
+
+/// Renews an authenticated agent's certificate for the same cluster.
+async fn renew(
+    State(state): State<AgentState>,
+    ConnectInfo(peer): ConnectInfo<AgentPeer>,
+    body: axum::body::Bytes,
+) -> Response {
+    let cluster = match authenticate(&state.identities, &peer).await {
+        Ok(c) => c,
+        Err(e) => return auth_refusal(&peer, e),
+    };
+    let req: RenewRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("renew request is not JSON {{csr}}: {e}"),
+            )
+        }
+    };
+    match state.identities.renew(&cluster, &req.csr).await {
+        Ok(issued) => Json(JoinResponse {
+            certificate: issued.pem,
+            ca: state.identities.pki().ca_pem().to_owned(),
+        })
+        .into_response(),
+        Err(e @ JoinError::Csr(_)) => error(StatusCode::BAD_REQUEST, "BAD_CSR", e.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "renewal failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the hub cannot renew now; retry",
+            )
         }
     }
 }

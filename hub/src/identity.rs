@@ -170,6 +170,31 @@ impl Identities {
         Ok(issued)
     }
 
+    /// Issues a fresh certificate for an agent that already holds a valid one (renewal before
+    /// expiry). The old certificate stays valid until it expires.
+    pub async fn renew(
+        &self,
+        cluster: &ClusterName,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, JoinError> {
+        let issued = self
+            .pki
+            .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
+        agent_certificate::Entity::insert(agent_certificate::ActiveModel {
+            serial: Set(issued.serial.clone()),
+            cluster_name: Set(cluster.to_string()),
+            fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
+            not_before: Set(issued.not_before),
+            not_after: Set(issued.not_after),
+            revoked_at: Set(None),
+            created_at: Set(Utc::now()),
+        })
+        .exec_without_returning(&self.store.db)
+        .await?;
+        tracing::info!(%cluster, serial = %issued.serial, "agent certificate renewed");
+        Ok(issued)
+    }
+
     /// Whether a certificate the hub issued may still be used: known, for that cluster, not
     /// revoked.
     pub async fn certificate_is_valid(

@@ -136,3 +136,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .supported_schemes()
     }
 }
+
+/// A certificate's validity as Unix seconds: (not before, not after).
+pub fn validity_of_certificate(der: &[u8]) -> Result<(i64, i64), String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_shared::identity::{cluster_of_certificate, PinnedCaVerifier};
+use drover_shared::identity::{cluster_of_certificate, validity_of_certificate, PinnedCaVerifier};
 use drover_shared::ClusterName;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -151,8 +151,9 @@ impl AgentIdentity {
         Ok(identity)
     }
 
-    /// Loads the identity a previous join stored.
+    /// Loads the identity a previous join stored, finishing a renewal a crash interrupted.
     pub fn load(data_dir: &Path) -> Result<Self, IdentityError> {
+        finish_pending_renewal(data_dir)?;
         let read = |name: &str| {
             let path = data_dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| {
@@ -175,6 +176,54 @@ impl AgentIdentity {
             ca_pem: read(CA_FILE)?,
             key_pem: read(KEY_FILE)?,
         })
+    }
+
+    /// Whether two thirds of the certificate's lifetime have passed: time to renew.
+    pub fn renewal_due(&self) -> bool {
+        let Ok(der) = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()) else {
+            return true;
+        };
+        match validity_of_certificate(&der) {
+            Ok((not_before, not_after)) => {
+                let renew_at = not_before + (not_after - not_before) * 2 / 3;
+                chrono::Utc::now().timestamp() >= renew_at
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Gets a fresh certificate (with a new key) for the same cluster and stores it; the new
+    /// files replace the old ones only once both are complete.
+    pub async fn renew(&mut self, data_dir: &Path, hub: &str) -> Result<(), IdentityError> {
+        #[derive(Serialize)]
+        struct RenewRequest<'a> {
+            csr: &'a str,
+        }
+        let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Corrupt(e.to_string()))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| IdentityError::Corrupt(e.to_string()))?;
+        let client = http_client(self.client_config()?)?;
+        let url = format!("{}/agent/v1/renew", hub.trim_end_matches('/'));
+        let renewed: JoinResponse =
+            call(client.post(&url).json(&RenewRequest { csr: &csr }), &url).await?;
+        let next = Self {
+            cluster: self.cluster.clone(),
+            ca_pem: renewed.ca,
+            cert_pem: renewed.certificate,
+            key_pem: key.serialize_pem(),
+        };
+        next.check_names(&self.cluster)?;
+        let pending = |name: &str| data_dir.join(format!("{name}.new"));
+        write_private(&pending(KEY_FILE), &next.key_pem)?;
+        let staged = data_dir.join(format!("{CERT_FILE}.staged"));
+        write_private(&staged, &next.cert_pem)?;
+        // The certificate's .new file appearing is the moment the renewal counts as written.
+        std::fs::rename(&staged, pending(CERT_FILE)).map_err(io(&staged))?;
+        finish_pending_renewal(data_dir)?;
+        *self = next;
+        Ok(())
     }
 
     fn check_names(&self, cluster: &ClusterName) -> Result<(), IdentityError> {
@@ -220,6 +269,22 @@ impl AgentIdentity {
         let who: Identity = call(client.get(&url), &url).await?;
         ClusterName::new(who.cluster).map_err(|e| IdentityError::Refused(e.to_string()))
     }
+}
+
+/// Moves a completely written renewal into place: key first, then certificate. A renewal whose
+/// certificate never got written is dropped, so key and certificate always match.
+fn finish_pending_renewal(data_dir: &Path) -> Result<(), IdentityError> {
+    let key_new = data_dir.join(format!("{KEY_FILE}.new"));
+    let cert_new = data_dir.join(format!("{CERT_FILE}.new"));
+    if cert_new.exists() {
+        if key_new.exists() {
+            std::fs::rename(&key_new, data_dir.join(KEY_FILE)).map_err(io(&key_new))?;
+        }
+        std::fs::rename(&cert_new, data_dir.join(CERT_FILE)).map_err(io(&cert_new))?;
+    } else if key_new.exists() {
+        std::fs::remove_file(&key_new).map_err(io(&key_new))?;
+    }
+    Ok(())
 }
 
 /// Sends a request to the hub and decodes its JSON answer, or says why not.

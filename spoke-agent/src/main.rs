@@ -44,6 +44,8 @@ enum Command {
     },
     /// Check the stored identity against the hub over mutual TLS.
     Check,
+    /// Renew this agent's certificate now (the session also renews it when it is due).
+    Renew,
 }
 
 #[tokio::main]
@@ -67,6 +69,14 @@ async fn main() -> anyhow::Result<()> {
                 identity.cluster,
                 cli.common.data_dir.display()
             );
+        }
+        Command::Renew => {
+            let mut identity = AgentIdentity::load(&cli.common.data_dir)?;
+            identity
+                .renew(&cli.common.data_dir, &hub)
+                .await
+                .context("renewing the certificate failed")?;
+            println!("renewed the certificate of cluster {}", identity.cluster);
         }
         Command::Check => {
             let identity = AgentIdentity::load(&cli.common.data_dir)?;

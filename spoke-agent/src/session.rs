@@ -2,6 +2,7 @@
 //! snapshot, then deltas as the cluster changes and a heartbeat every interval. On any failure
 //! it reconnects with exponential backoff and jitter and resynchronises with a fresh snapshot.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +55,11 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Keeps a session with `hub` until `shutdown` turns true.
+/// Keeps a session with `hub` until `shutdown` turns true, renewing the agent's certificate
+/// (stored in `data_dir`) whenever it is due before connecting.
 pub async fn run(
-    identity: Arc<AgentIdentity>,
+    mut identity: AgentIdentity,
+    data_dir: PathBuf,
     hub: String,
     source: Arc<dyn InventorySource>,
     status: watch::Sender<SessionStatus>,
@@ -67,6 +70,13 @@ pub async fn run(
     loop {
         if *shutdown.borrow() {
             return;
+        }
+        if identity.renewal_due() {
+            match identity.renew(&data_dir, &hub).await {
+                Ok(()) => tracing::info!(cluster = %identity.cluster, "certificate renewed"),
+                // The old certificate may still work; the next attempt tries again.
+                Err(e) => tracing::warn!(error = %e, "certificate renewal failed"),
+            }
         }
         status.send_modify(|s| s.sessions_opened += 1);
         let outcome = tokio::select! {
