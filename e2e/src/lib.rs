@@ -2,4 +2,5 @@
 //! fixtures) and the end-to-end and benchmark suites that use it.
 
 pub mod postgres;
+pub mod process;
 pub mod testbed;

@@ -224,20 +224,22 @@ pub fn snapshot(
     }
 }
 
-/// Where cargo put this workspace's binaries (next to the test executable's `deps/`).
+/// Where cargo put this workspace's binaries: beside the running executable (a binary such as
+/// drover-bench) or one level up (a test executable in `deps/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test executable has no parent directory")?;
-    let path = dir.join(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace --bins` before the tests",
-        path.display()
-    );
-    Ok(path)
+    let dir = exe.parent().context("executable has no parent directory")?;
+    let candidates = [Some(dir.join(name)), dir.parent().map(|d| d.join(name))];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "{name} is not built next to {}; run `cargo build --workspace --bins` (with --release for benchmarks) first",
+                exe.display()
+            )
+        })
 }
 
 /// A cluster whose inventory a test controls, reported through the agent's real session code

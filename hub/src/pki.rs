@@ -63,7 +63,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f; // a positive integer
+    // Positive, and without a leading zero byte: DER drops leading zeros, and the serial the
+    // hub records must be byte for byte the one in the certificate.
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
     SerialNumber::from_slice(&bytes)
 }
 
@@ -316,6 +318,21 @@ mod tests {
         );
         assert_eq!(serial_of_certificate(&cert.der).unwrap(), cert.serial);
         assert!(cert.not_after > Utc::now() + chrono::Duration::minutes(59));
+    }
+
+    #[test]
+    fn recorded_serials_match_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr();
+        let east = ClusterName::new("east-1").unwrap();
+        // With a 1-in-128 chance per certificate of a leading zero byte, 400 would catch it.
+        for _ in 0..400 {
+            let cert = pki
+                .issue_agent_certificate(&csr, &east, Duration::from_secs(60))
+                .unwrap();
+            assert_eq!(serial_of_certificate(&cert.der).unwrap(), cert.serial);
+        }
     }
 
     #[test]

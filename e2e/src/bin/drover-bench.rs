@@ -26,6 +26,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Agent sessions over the real protocol and TLS against a real hub process: hub CPU and
+    /// memory under heartbeats and deltas, then how many sessions it holds.
+    Sessions {
+        /// Sessions in the steady phase.
+        #[arg(long, default_value_t = 1000)]
+        sessions: u32,
+        #[arg(long, default_value_t = 10)]
+        vms_per_cluster: u32,
+        /// VM deltas per second across all sessions in the steady phase.
+        #[arg(long, default_value_t = 100)]
+        deltas_per_sec: u32,
+        /// Length of the steady phase.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The capacity phase adds sessions in steps up to this many.
+        #[arg(long, default_value_t = 10_000)]
+        max_sessions: u32,
+        #[arg(long, default_value_t = 1000)]
+        step: u32,
+    },
     /// Fleet page latency vs hand-written SQL, SQL statements per request, ingest rates.
     Inventory {
         #[arg(long, default_value_t = 500)]
@@ -426,11 +446,259 @@ async fn inventory(
     Ok(())
 }
 
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based overall).
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / 100.0)
+}
+
+/// Resident memory of a process in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+async fn live_sessions(http: &reqwest::Client, hub: &drover_e2e::process::HubProcess) -> f64 {
+    let Ok(resp) = http.get(hub.url("/metrics")).send().await else {
+        return -1.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("drover_agent_sessions "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+type Agent = (
+    std::path::PathBuf,
+    std::sync::Arc<drover_e2e::testbed::TestCluster>,
+);
+
+/// Joins clusters `range` (16 at a time) and gives each a test inventory of `vms` VMs.
+async fn join_many(
+    http: &reqwest::Client,
+    hub: &drover_e2e::process::HubProcess,
+    root: &std::path::Path,
+    range: std::ops::Range<u32>,
+    vms: u32,
+) -> anyhow::Result<Vec<Agent>> {
+    use futures::StreamExt;
+    let results: Vec<anyhow::Result<Agent>> = futures::stream::iter(range)
+        .map(|i| async move {
+            let name = ClusterName::new(format!("c-{i:05}"))?;
+            let resp: Value = http
+                .post(hub.url("/graphql"))
+                .json(&json!({"query": format!("mutation {{ createJoinToken(cluster: \"{name}\") {{ token }} }}")}))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let token = resp["data"]["createJoinToken"]["token"].as_str().context("no token")?.to_owned();
+            let dir = root.join(name.as_str());
+            drover_agent::identity::AgentIdentity::join(&dir, &hub.agents, &name, &token).await?;
+            let list = (0..vms).map(|j| vm("web", &format!("vm-{j:03}"), (i << 8) + j)).collect();
+            Ok((dir, drover_e2e::testbed::TestCluster::new(list)))
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+fn start_sessions(
+    agents: &[Agent],
+    hub: &str,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::with_capacity(agents.len());
+    for (dir, cluster) in agents {
+        let identity = drover_agent::identity::AgentIdentity::load(dir)?;
+        let (status, _) =
+            tokio::sync::watch::channel(drover_agent::session::SessionStatus::default());
+        tasks.push(tokio::spawn(drover_agent::session::run(
+            identity,
+            dir.clone(),
+            hub.to_owned(),
+            cluster.clone(),
+            status,
+            stop.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
+async fn wait_for_sessions(
+    http: &reqwest::Client,
+    hub: &drover_e2e::process::HubProcess,
+    n: u32,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if live_sessions(http, hub).await >= n as f64 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sessions(
+    sessions: u32,
+    vms_per_cluster: u32,
+    deltas_per_sec: u32,
+    seconds: u64,
+    max_sessions: u32,
+    step: u32,
+) -> anyhow::Result<()> {
+    let pg = PgCluster::shared().await?;
+    let url = pg.create_database("bench_sessions").await?;
+    let dir = tempfile::tempdir()?;
+    let hub = drover_e2e::process::HubProcess::start(dir.path(), Some(&url)).await;
+    let pid = hub.child.id().context("hub has no pid")?;
+    let http = reqwest::Client::new();
+    let root = tempfile::tempdir()?;
+    println!("hub pid {pid} on PostgreSQL; heartbeats every 10 s (the hub's default)");
+
+    let t = Instant::now();
+    let mut agents = join_many(&http, &hub, root.path(), 0..sessions, vms_per_cluster).await?;
+    println!(
+        "joined {sessions} clusters in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let mut tasks = start_sessions(&agents, &hub.agents, &stop)?;
+    anyhow::ensure!(
+        wait_for_sessions(&http, &hub, sessions, Duration::from_secs(180)).await,
+        "only {} of {sessions} sessions came up",
+        live_sessions(&http, &hub).await
+    );
+    println!(
+        "{sessions} sessions open (snapshots of {vms_per_cluster} VMs each) in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await; // let the snapshot burst settle
+
+    let cpu0 = cpu_seconds(pid)?;
+    let t = Instant::now();
+    let total = deltas_per_sec as u64 * seconds;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / deltas_per_sec as f64));
+    for k in 0..total {
+        tick.tick().await;
+        let (_, cluster) = &agents[(k % agents.len() as u64) as usize];
+        cluster.add_vm(vm("web", &format!("delta-{k:07}"), 0x0100_0000 + k as u32));
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let rss = rss_mib(pid)?;
+    let expected = sessions as i64 * vms_per_cluster as i64 + total as i64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut applied = 0;
+    while Instant::now() < deadline {
+        let resp: Value = http
+            .post(hub.url("/graphql"))
+            .json(&json!({"query": "{ fleet { virtualMachines { total } clusters { ready } } }"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        applied = resp["data"]["fleet"]["virtualMachines"]["total"]
+            .as_i64()
+            .unwrap_or(0);
+        if applied >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("\nsteady phase: {sessions} sessions, heartbeats every 10 s, {deltas_per_sec} VM deltas/s for {wall:.0} s");
+    println!(
+        "  hub CPU: {:.1}% of one core ({cpu:.1} CPU-s over {wall:.1} s)",
+        cpu / wall * 100.0
+    );
+    println!("  hub memory (RSS): {rss:.0} MiB");
+    println!(
+        "  VMs in the inventory: {applied} of {expected} expected (every delta applied: {})",
+        applied >= expected
+    );
+
+    println!("\ncapacity phase: sessions added in steps of {step} (empty clusters), up to {max_sessions}:");
+    let mut held = sessions;
+    let mut target = sessions + step;
+    while target <= max_sessions {
+        let t = Instant::now();
+        let more = join_many(&http, &hub, root.path(), held..target, 0).await?;
+        tasks.extend(start_sessions(&more, &hub.agents, &stop)?);
+        agents.extend(more);
+        let ok = wait_for_sessions(&http, &hub, target, Duration::from_secs(240)).await;
+        let live = live_sessions(&http, &hub).await;
+        println!(
+            "  {target:>6} sessions: {} live, hub RSS {:.0} MiB, step took {:.0} s{}",
+            live,
+            rss_mib(pid)?,
+            t.elapsed().as_secs_f64(),
+            if ok { "" } else { "  <- not all came up" }
+        );
+        if !ok {
+            break;
+        }
+        held = target;
+        target += step;
+    }
+    // Hold the largest count for one heartbeat period and measure the hub at rest.
+    let cpu0 = cpu_seconds(pid)?;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let cpu = cpu_seconds(pid)? - cpu0;
+    println!(
+        "  holding {} sessions: hub CPU {:.1}% of one core (heartbeats only), RSS {:.0} MiB",
+        live_sessions(&http, &hub).await,
+        cpu / t.elapsed().as_secs_f64() * 100.0,
+        rss_mib(pid)?
+    );
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     drover_shared::telemetry::init_with_default("warn");
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Sessions {
+            sessions: n,
+            vms_per_cluster,
+            deltas_per_sec,
+            seconds,
+            max_sessions,
+            step,
+        } => {
+            sessions(
+                n,
+                vms_per_cluster,
+                deltas_per_sec,
+                seconds,
+                max_sessions,
+                step,
+            )
+            .await
+        }
         Bench::Inventory {
             clusters,
             vms_per_cluster,
