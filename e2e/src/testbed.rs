@@ -116,6 +116,46 @@ impl Drop for Served {
     }
 }
 
+/// A hub with its agent endpoint served in-process on an ephemeral loopback port (SQLite
+/// store); dropping it stops the endpoint.
+pub struct AgentEndpoint {
+    pub hub: TestHub,
+    /// `https://127.0.0.1:PORT`
+    pub base: String,
+    _stop: oneshot::Sender<()>,
+}
+
+impl AgentEndpoint {
+    pub async fn start(
+        name: &str,
+        timing: Option<drover_hub::sessions::SessionTiming>,
+    ) -> anyhow::Result<Self> {
+        let mut hub = TestHub::new(Backend::Sqlite, name).await?;
+        if let Some(timing) = timing {
+            hub.hub = hub.hub.clone().with_session_timing(timing);
+        }
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = tcp.local_addr()?.port();
+        let listener = hub
+            .hub
+            .agent_listener(tcp, &["localhost".into(), "127.0.0.1".into()])?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let h = hub.hub.clone();
+        tokio::spawn(async move {
+            let _ = h
+                .serve_agents(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            hub,
+            base: format!("https://127.0.0.1:{port}"),
+            _stop: stop,
+        })
+    }
+}
+
 /// The first error's `extensions.code`, if any.
 pub fn error_code(resp: &Value) -> Option<String> {
     resp["errors"][0]["extensions"]["code"]

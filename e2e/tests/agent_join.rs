@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_e2e::testbed::{Backend, TestHub};
+use drover_e2e::testbed::AgentEndpoint;
 use drover_hub::agent_endpoint::{IdentityResponse, JoinRequest, JoinResponse};
 use drover_hub::pki::Pki;
 use drover_shared::identity::{cluster_of_certificate, PinnedCaVerifier};
@@ -19,35 +19,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A hub with its agent endpoint served on an ephemeral loopback port.
-struct Endpoint {
-    hub: TestHub,
-    base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn endpoint(name: &str) -> Endpoint {
-    let hub = TestHub::new(Backend::Sqlite, name).await.unwrap();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let listener = hub
-        .hub
-        .agent_listener(tcp, &["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let h = hub.hub.clone();
-    tokio::spawn(async move {
-        let _ = h
-            .serve_agents(listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Endpoint {
-        hub,
-        base: format!("https://localhost:{port}"),
-        _stop: stop,
-    }
+async fn endpoint(name: &str) -> AgentEndpoint {
+    AgentEndpoint::start(name, None).await.unwrap()
 }
 
 /// An HTTPS client that trusts the hub only through the join token's CA pin.
@@ -97,7 +70,7 @@ fn new_csr() -> (String, String) {
     (csr, key.serialize_pem())
 }
 
-async fn create_token(e: &Endpoint, cluster: &str) -> String {
+async fn create_token(e: &AgentEndpoint, cluster: &str) -> String {
     let d = e
         .hub
         .data(
@@ -112,7 +85,7 @@ async fn create_token(e: &Endpoint, cluster: &str) -> String {
     token
 }
 
-async fn join(e: &Endpoint, cluster: &str, token: &str, csr: &str) -> reqwest::Response {
+async fn join(e: &AgentEndpoint, cluster: &str, token: &str, csr: &str) -> reqwest::Response {
     joining_client(token)
         .post(format!("{}/agent/v1/join", e.base))
         .json(&JoinRequest {
@@ -231,7 +204,7 @@ async fn tokens_for_another_cluster_expired_or_malformed_are_refused() {
     }
 }
 
-async fn joined_agent(e: &Endpoint, cluster: &str) -> (JoinResponse, String) {
+async fn joined_agent(e: &AgentEndpoint, cluster: &str) -> (JoinResponse, String) {
     let token = create_token(e, cluster).await;
     let (csr, key) = new_csr();
     let resp = join(e, cluster, &token, &csr).await;
@@ -239,7 +212,7 @@ async fn joined_agent(e: &Endpoint, cluster: &str) -> (JoinResponse, String) {
     (resp.json().await.unwrap(), key)
 }
 
-async fn identity_status(client: &reqwest::Client, e: &Endpoint) -> Result<u16, String> {
+async fn identity_status(client: &reqwest::Client, e: &AgentEndpoint) -> Result<u16, String> {
     client
         .get(format!("{}/agent/v1/identity", e.base))
         .send()

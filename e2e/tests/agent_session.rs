@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use drover_agent::identity::AgentIdentity;
 use drover_agent::session::{self, SessionStatus};
-use drover_e2e::testbed::{vm, Backend, TestCluster, TestHub};
+use drover_e2e::testbed::{vm, AgentEndpoint, TestCluster, TestHub};
 use drover_hub::sessions::SessionTiming;
 use drover_shared::protocol::{AgentMessage, HubMessage};
 use drover_shared::ClusterName;
@@ -23,32 +23,8 @@ const FAST: SessionTiming = SessionTiming {
     hello_timeout: Duration::from_secs(5),
 };
 
-struct Endpoint {
-    hub: TestHub,
-    base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn endpoint(name: &str) -> Endpoint {
-    let mut hub = TestHub::new(Backend::Sqlite, name).await.unwrap();
-    hub.hub = hub.hub.clone().with_session_timing(FAST);
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let listener = hub.hub.agent_listener(tcp, &["127.0.0.1".into()]).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let h = hub.hub.clone();
-    tokio::spawn(async move {
-        let _ = h
-            .serve_agents(listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Endpoint {
-        hub,
-        base: format!("https://127.0.0.1:{port}"),
-        _stop: stop,
-    }
+async fn endpoint(name: &str) -> AgentEndpoint {
+    AgentEndpoint::start(name, Some(FAST)).await.unwrap()
 }
 
 async fn joined(

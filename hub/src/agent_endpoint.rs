@@ -193,15 +193,7 @@ async fn session(
 ) -> Response {
     match authenticate(&state.identities, &peer).await {
         Ok(cluster) => state.sessions.accept(upgrade, cluster),
-        Err(e) => {
-            tracing::warn!(peer = %peer.addr, error = %e, "agent session refused");
-            let status = match e {
-                AuthError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                AuthError::NoCertificate => StatusCode::UNAUTHORIZED,
-                _ => StatusCode::FORBIDDEN,
-            };
-            error(status, "UNAUTHENTICATED", e.to_string())
-        }
+        Err(e) => auth_refusal(&peer, e),
     }
 }
 
@@ -383,14 +375,6 @@ async fn identity(
             cluster: cluster.to_string(),
         })
         .into_response(),
-        Err(e) => {
-            tracing::warn!(peer = %peer.addr, error = %e, "agent refused");
-            let status = match e {
-                AuthError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                AuthError::NoCertificate => StatusCode::UNAUTHORIZED,
-                _ => StatusCode::FORBIDDEN,
-            };
-            error(status, "UNAUTHENTICATED", e.to_string())
-        }
+        Err(e) => auth_refusal(&peer, e),
     }
 }

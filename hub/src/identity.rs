@@ -154,17 +154,7 @@ impl Identities {
         let issued = self
             .pki
             .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        agent_certificate::Entity::insert(agent_certificate::ActiveModel {
-            serial: Set(issued.serial.clone()),
-            cluster_name: Set(cluster.to_string()),
-            fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
-            not_before: Set(issued.not_before),
-            not_after: Set(issued.not_after),
-            revoked_at: Set(None),
-            created_at: Set(now),
-        })
-        .exec_without_returning(&tx)
-        .await?;
+        record_certificate(&tx, cluster, &issued).await?;
         tx.commit().await?;
         tracing::info!(%cluster, serial = %issued.serial, "agent joined");
         Ok(issued)
@@ -180,17 +170,7 @@ impl Identities {
         let issued = self
             .pki
             .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        agent_certificate::Entity::insert(agent_certificate::ActiveModel {
-            serial: Set(issued.serial.clone()),
-            cluster_name: Set(cluster.to_string()),
-            fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
-            not_before: Set(issued.not_before),
-            not_after: Set(issued.not_after),
-            revoked_at: Set(None),
-            created_at: Set(Utc::now()),
-        })
-        .exec_without_returning(&self.store.db)
-        .await?;
+        record_certificate(&self.store.db, cluster, &issued).await?;
         tracing::info!(%cluster, serial = %issued.serial, "agent certificate renewed");
         Ok(issued)
     }
@@ -221,6 +201,26 @@ impl Identities {
             .await?;
         Ok(res.rows_affected)
     }
+}
+
+/// Records an issued certificate, so that it can be checked and revoked.
+async fn record_certificate(
+    db: &impl sea_orm::ConnectionTrait,
+    cluster: &ClusterName,
+    issued: &IssuedCertificate,
+) -> Result<(), sea_orm::DbErr> {
+    agent_certificate::Entity::insert(agent_certificate::ActiveModel {
+        serial: Set(issued.serial.clone()),
+        cluster_name: Set(cluster.to_string()),
+        fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
+        not_before: Set(issued.not_before),
+        not_after: Set(issued.not_after),
+        revoked_at: Set(None),
+        created_at: Set(Utc::now()),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
