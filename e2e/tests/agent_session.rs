@@ -289,3 +289,135 @@ async fn a_newer_session_replaces_an_older_one() {
     }
     assert_eq!(e.hub.hub.sessions.live_count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
+    let e = endpoint("session_remove").await;
+    let dir = tempfile::tempdir().unwrap();
+    joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
+    let mut agent = RunningAgent::start(dir.path(), &e.base, cluster);
+    eventually(
+        "the snapshot in GraphQL",
+        Duration::from_secs(15),
+        async || cluster_view(&e.hub, "east-1").await["virtualMachines"]["totalCount"] == 2,
+    )
+    .await;
+
+    // Not while a migration is in flight.
+    let cluster_id = {
+        use drover_hub::store::entities::cluster;
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+        cluster::Entity::find()
+            .filter(cluster::Column::Name.eq("east-1"))
+            .one(&e.hub.hub.store.db)
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    };
+    let migration_id = uuid::Uuid::now_v7();
+    {
+        use drover_hub::store::entities::migration;
+        use sea_orm::{ActiveValue::Set, EntityTrait};
+        let now = chrono::Utc::now();
+        migration::Entity::insert(migration::ActiveModel {
+            id: Set(migration_id),
+            vm_namespace: Set("web".into()),
+            vm_name: Set("api-1".into()),
+            vm_uid: Set("uid-web-api-1".into()),
+            source_cluster_id: Set(cluster_id),
+            target_cluster_id: Set(cluster_id),
+            target_namespace: Set("web".into()),
+            storage_class_map: Set(json!({})),
+            network_map: Set(json!({})),
+            phase: Set("Running".into()),
+            phase_timestamps: Set(json!({})),
+            bytes_total: Set(0),
+            bytes_transferred: Set(0),
+            bytes_remaining: Set(0),
+            dirty_rate_bytes_per_sec: Set(0),
+            throughput_bytes_per_sec: Set(0),
+            failure_reason: Set(None),
+            attempt: Set(1),
+            evacuation_id: Set(None),
+            trace_id: Set(None),
+            requested_by: Set("test".into()),
+            created_at: Set(now),
+            updated_at: Set(now),
+            finished_at: Set(None),
+        })
+        .exec_without_returning(&e.hub.hub.store.db)
+        .await
+        .unwrap();
+    }
+    let remove = r#"mutation { removeCluster(name: "east-1") { cluster certificatesRevoked virtualMachinesForgotten sessionEnded } }"#;
+    let refused = e.hub.gql(remove, json!({})).await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&refused).as_deref(),
+        Some("CONFLICT"),
+        "{refused}"
+    );
+    assert!(
+        agent.status.borrow().connected,
+        "a refused removal changes nothing"
+    );
+    {
+        use drover_hub::store::entities::migration;
+        use sea_orm::EntityTrait;
+        migration::Entity::delete_by_id(migration_id)
+            .exec(&e.hub.hub.store.db)
+            .await
+            .unwrap();
+    }
+
+    let d = e.hub.data(remove, json!({})).await;
+    assert_eq!(
+        d["removeCluster"],
+        json!({"cluster": "east-1", "certificatesRevoked": 1, "virtualMachinesForgotten": 2, "sessionEnded": true})
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.status.wait_for(|s| !s.connected),
+    )
+    .await
+    .expect("the agent is disconnected")
+    .unwrap();
+    // The agent keeps trying, but its certificate no longer opens anything.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resp = e
+        .hub
+        .gql(r#"{ cluster(name: "east-1") { name } }"#, json!({}))
+        .await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&resp).as_deref(),
+        Some("NOT_FOUND"),
+        "{resp}"
+    );
+    let err = AgentIdentity::load(dir.path())
+        .unwrap()
+        .check(&e.base)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    agent.stop().await;
+
+    let again = e.hub.gql(remove, json!({})).await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&again).as_deref(),
+        Some("NOT_FOUND"),
+        "{again}"
+    );
+    let bad = e
+        .hub
+        .gql(
+            r#"mutation { removeCluster(name: "Nope!") { cluster } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&bad).as_deref(),
+        Some("INVALID_NAME"),
+        "{bad}"
+    );
+}

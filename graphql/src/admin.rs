@@ -17,6 +17,30 @@ pub struct JoinTokenRecord {
     pub ca_sha256: String,
 }
 
+/// What removing a cluster did.
+#[derive(Debug, Clone, Default)]
+pub struct RemovedCluster {
+    pub cluster: String,
+    pub certificates_revoked: i64,
+    pub virtual_machines_forgotten: i64,
+    pub session_ended: bool,
+}
+
+/// Why an administrative change was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    NotFound(String),
+    /// The change is not safe now; the message says why and what to do.
+    Conflict(String),
+    Read(ReadError),
+}
+
+impl From<ReadError> for AdminError {
+    fn from(e: ReadError) -> Self {
+        Self::Read(e)
+    }
+}
+
 #[async_trait]
 pub trait FleetAdmin: Send + Sync + 'static {
     /// Creates a one-time token with which the agent of `cluster` joins the hub.
@@ -26,4 +50,12 @@ pub trait FleetAdmin: Send + Sync + 'static {
         ttl: Duration,
         actor: &str,
     ) -> Result<JoinTokenRecord, ReadError>;
+
+    /// Removes a cluster from the fleet: revokes its agent's certificates, ends its session and
+    /// forgets its inventory. Refused while migrations to or from it are in flight.
+    async fn remove_cluster(
+        &self,
+        cluster: &ClusterName,
+        actor: &str,
+    ) -> Result<RemovedCluster, AdminError>;
 }

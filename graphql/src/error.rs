@@ -28,6 +28,8 @@ pub enum ErrorCode {
     ParseFailed,
     /// The query does not match the schema.
     ValidationFailed,
+    /// The change is not safe in the fleet's current state; the message says why.
+    Conflict,
     /// A bug or an unexpected failure on the hub; the hub's log has details.
     Internal,
 }
@@ -45,6 +47,7 @@ impl ErrorCode {
             Self::QueryTooComplex => "QUERY_TOO_COMPLEX",
             Self::ParseFailed => "GRAPHQL_PARSE_FAILED",
             Self::ValidationFailed => "GRAPHQL_VALIDATION_FAILED",
+            Self::Conflict => "CONFLICT",
             Self::Internal => "INTERNAL",
         }
     }
@@ -94,6 +97,16 @@ impl From<ReadError> for ApiError {
                     "reading the inventory failed unexpectedly; the hub's log has details",
                 )
             }
+        }
+    }
+}
+
+impl From<crate::admin::AdminError> for ApiError {
+    fn from(e: crate::admin::AdminError) -> Self {
+        match e {
+            crate::admin::AdminError::NotFound(m) => Self::not_found(m),
+            crate::admin::AdminError::Conflict(m) => Self::new(ErrorCode::Conflict, m),
+            crate::admin::AdminError::Read(e) => e.into(),
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod model;
 pub mod reader;
 pub mod schema;
 
-pub use admin::{FleetAdmin, JoinTokenRecord};
+pub use admin::{AdminError, FleetAdmin, JoinTokenRecord, RemovedCluster};
 pub use error::{classify_response_errors, ApiError, ErrorCode};
 pub use events::{InventoryEvent, InventoryEventKind};
 pub use reader::{FleetReader, ReadError};

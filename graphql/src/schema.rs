@@ -1091,8 +1091,36 @@ pub struct JoinToken {
     pub ca_certificate_sha256: String,
 }
 
+/// What `removeCluster` did.
+#[derive(SimpleObject)]
+pub struct ClusterRemoval {
+    pub cluster: String,
+    pub certificates_revoked: i32,
+    pub virtual_machines_forgotten: i32,
+    /// Whether the cluster's agent was connected and has been disconnected.
+    pub session_ended: bool,
+}
+
 #[Object]
 impl Mutation {
+    /// Removes a cluster from the fleet: its agent's certificates are revoked (it can no longer
+    /// connect or report), its session ends, and its inventory is forgotten. The virtual
+    /// machines themselves are not touched. Refused while migrations to or from it are in flight.
+    async fn remove_cluster(&self, ctx: &Context<'_>, name: String) -> Result<ClusterRemoval> {
+        let cluster = ClusterName::new(name).map_err(ApiError::from)?;
+        let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
+        let r = admin
+            .remove_cluster(&cluster, "anonymous")
+            .await
+            .map_err(ApiError::from)?;
+        Ok(ClusterRemoval {
+            cluster: r.cluster,
+            certificates_revoked: clamp_i32(r.certificates_revoked),
+            virtual_machines_forgotten: clamp_i32(r.virtual_machines_forgotten),
+            session_ended: r.session_ended,
+        })
+    }
+
     /// Creates a one-time, expiring token with which the agent of `cluster` joins the hub.
     async fn create_join_token(
         &self,

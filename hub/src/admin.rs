@@ -5,17 +5,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use drover_graphql::{FleetAdmin, JoinTokenRecord, ReadError};
+use drover_graphql::{AdminError, FleetAdmin, JoinTokenRecord, ReadError, RemovedCluster};
+use drover_shared::inventory::MigrationPhase;
 use drover_shared::ClusterName;
 use sea_orm::ConnectionTrait;
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 
 use crate::identity::Identities;
+use crate::sessions::Sessions;
+use crate::store::entities::{agent_certificate, cluster, migration, vm};
 use crate::store::{sql::Sql, Store, StoreError};
 
 pub struct HubAdmin {
     pub store: Store,
     pub identities: Identities,
+    pub sessions: Sessions,
 }
 
 fn store_err(e: StoreError) -> ReadError {
@@ -83,6 +88,93 @@ impl FleetAdmin for HubAdmin {
             cluster: t.cluster.to_string(),
             expires_at: t.expires_at,
             ca_sha256: t.ca_sha256,
+        })
+    }
+
+    async fn remove_cluster(
+        &self,
+        name: &ClusterName,
+        actor: &str,
+    ) -> Result<RemovedCluster, AdminError> {
+        let result = self.remove(name).await;
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        let details = match &result {
+            Ok(r) => {
+                json!({"certificatesRevoked": r.certificates_revoked, "virtualMachinesForgotten": r.virtual_machines_forgotten})
+            }
+            Err(e) => json!({"error": format!("{e:?}")}),
+        };
+        self.audit(actor, "removeCluster", name.as_str(), outcome, details)
+            .await;
+        result
+    }
+}
+
+impl HubAdmin {
+    async fn remove(&self, name: &ClusterName) -> Result<RemovedCluster, AdminError> {
+        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
+        let tx = self.store.db.begin().await.map_err(db_err)?;
+        let row = cluster::Entity::find()
+            .filter(cluster::Column::Name.eq(name.as_str()))
+            .one(&tx)
+            .await
+            .map_err(db_err)?;
+        let mut forgotten = 0;
+        if let Some(row) = &row {
+            let in_flight = migration::Entity::find()
+                .filter(
+                    migration::Column::SourceClusterId
+                        .eq(row.id)
+                        .or(migration::Column::TargetClusterId.eq(row.id)),
+                )
+                .filter(
+                    migration::Column::Phase
+                        .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+                )
+                .count(&tx)
+                .await
+                .map_err(db_err)?;
+            if in_flight > 0 {
+                return Err(AdminError::Conflict(format!(
+                    "cluster {name} has {in_flight} migrations in flight; cancel them or wait for them to finish, then remove it"
+                )));
+            }
+            forgotten = vm::Entity::find()
+                .filter(vm::Column::ClusterId.eq(row.id))
+                .count(&tx)
+                .await
+                .map_err(db_err)? as i64;
+            cluster::Entity::delete_by_id(row.id)
+                .exec(&tx)
+                .await
+                .map_err(db_err)?;
+        }
+        let revoked = agent_certificate::Entity::update_many()
+            .col_expr(
+                agent_certificate::Column::RevokedAt,
+                Some(Utc::now()).into(),
+            )
+            .filter(agent_certificate::Column::ClusterName.eq(name.as_str()))
+            .filter(agent_certificate::Column::RevokedAt.is_null())
+            .exec(&tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected as i64;
+        if row.is_none() && revoked == 0 {
+            return Err(AdminError::NotFound(format!(
+                "cluster \"{name}\" is neither in the fleet nor joined; `clusters` lists the clusters there are"
+            )));
+        }
+        tx.commit().await.map_err(db_err)?;
+        let session_ended = self
+            .sessions
+            .end(name, "the cluster was removed from the fleet");
+        tracing::warn!(cluster = %name, revoked, forgotten, session_ended, "cluster removed from the fleet");
+        Ok(RemovedCluster {
+            cluster: name.to_string(),
+            certificates_revoked: revoked,
+            virtual_machines_forgotten: forgotten,
+            session_ended,
         })
     }
 }

@@ -62,13 +62,14 @@ impl Hub {
         let (events, _) = broadcast::channel(1024);
         let reader = Arc::new(StoreReader::new(store.clone()));
         let identities = Identities::new(store.clone(), pki);
+        let ingest = Ingest::new(store.clone(), events.clone());
+        let sessions = Sessions::new(ingest.clone(), SessionTiming::default());
         let admin = Arc::new(HubAdmin {
             store: store.clone(),
             identities: identities.clone(),
+            sessions: sessions.clone(),
         });
         let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
-        let ingest = Ingest::new(store.clone(), events.clone());
-        let sessions = Sessions::new(ingest.clone(), SessionTiming::default());
         Self {
             store,
             ingest,
@@ -109,7 +110,7 @@ impl Hub {
 
     /// The same hub with other session timing (tests use short heartbeats).
     pub fn with_session_timing(mut self, timing: SessionTiming) -> Self {
-        self.sessions = Sessions::new(self.ingest.clone(), timing);
+        self.sessions = self.sessions.retimed(timing);
         self
     }
 

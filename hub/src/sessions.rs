@@ -62,6 +62,24 @@ impl Sessions {
         }
     }
 
+    /// The same sessions with other timing (tests use short heartbeats).
+    pub fn retimed(&self, timing: SessionTiming) -> Self {
+        Self {
+            timing,
+            ..self.clone()
+        }
+    }
+
+    /// Ends `cluster`'s session, if it has one; true when there was one.
+    pub fn end(&self, cluster: &ClusterName, reason: &str) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let ended = live
+            .remove(cluster)
+            .map(|(_, tx)| tx.send(reason.to_owned()));
+        metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
+        ended.is_some()
+    }
+
     pub fn timing(&self) -> SessionTiming {
         self.timing
     }
