@@ -45,6 +45,9 @@ pub enum SessionError {
     Connect { url: String, detail: String },
     #[error("the hub refused the session: {0}")]
     Refused(String),
+    /// Permanent: retrying cannot help.
+    #[error("the hub no longer accepts this agent's certificate (revoked, or the cluster was removed); join again with a new token")]
+    Revoked,
     #[error("the connection broke: {0}")]
     Broken(String),
     #[error(transparent)]
@@ -56,7 +59,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps a session with `hub` until `shutdown` turns true, renewing the agent's certificate
-/// (stored in `data_dir`) whenever it is due before connecting.
+/// (stored in `data_dir`) whenever it is due before connecting. Gives up only when the hub
+/// refuses the certificate for good (revoked); `status.last_error` then says so.
 pub async fn run(
     mut identity: AgentIdentity,
     data_dir: PathBuf,
@@ -89,6 +93,11 @@ pub async fn run(
             Ok(reason) => {
                 tracing::info!(%reason, "hub ended the session");
                 backoff = INITIAL_BACKOFF;
+            }
+            Err(e @ SessionError::Revoked) => {
+                tracing::error!(error = %e, "giving up the hub session");
+                status.send_modify(|s| s.last_error = Some(e.to_string()));
+                return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "hub session failed");
@@ -138,9 +147,14 @@ async fn session(
         url: url.clone(),
         detail: "timed out".into(),
     })?
-    .map_err(|e| SessionError::Connect {
-        url: url.clone(),
-        detail: e.to_string(),
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 403 => {
+            SessionError::Revoked
+        }
+        e => SessionError::Connect {
+            url: url.clone(),
+            detail: e.to_string(),
+        },
     })?;
     let broken = |e: tokio_tungstenite::tungstenite::Error| SessionError::Broken(e.to_string());
 
