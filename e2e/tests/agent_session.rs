@@ -326,8 +326,10 @@ async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
             vm_namespace: Set("web".into()),
             vm_name: Set("api-1".into()),
             vm_uid: Set("uid-web-api-1".into()),
-            source_cluster_id: Set(cluster_id),
-            target_cluster_id: Set(cluster_id),
+            source_cluster_id: Set(Some(cluster_id)),
+            target_cluster_id: Set(Some(cluster_id)),
+            source_cluster_name: Set("east-1".into()),
+            target_cluster_name: Set("east-1".into()),
             target_namespace: Set("web".into()),
             storage_class_map: Set(json!({})),
             network_map: Set(json!({})),
@@ -362,10 +364,13 @@ async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
         agent.status.borrow().connected,
         "a refused removal changes nothing"
     );
+    // Once the migration has finished, removal goes ahead and its history stays.
     {
         use drover_hub::store::entities::migration;
-        use sea_orm::EntityTrait;
-        migration::Entity::delete_by_id(migration_id)
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+        migration::Entity::update_many()
+            .col_expr(migration::Column::Phase, "Succeeded".into())
+            .filter(migration::Column::Id.eq(migration_id))
             .exec(&e.hub.hub.store.db)
             .await
             .unwrap();
@@ -403,6 +408,19 @@ async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("revoked"), "{err}");
+
+    let history = e
+        .hub
+        .data(
+            "query($id: ID!) { migration(id: $id) { phase sourceClusterName targetClusterName sourceCluster { name } } }",
+            json!({"id": migration_id.to_string()}),
+        )
+        .await;
+    assert_eq!(
+        history["migration"],
+        json!({"phase": "SUCCEEDED", "sourceClusterName": "east-1", "targetClusterName": "east-1", "sourceCluster": null}),
+        "migration history outlives the cluster"
+    );
 
     let again = e.hub.gql(remove, json!({})).await;
     assert_eq!(

@@ -99,8 +99,11 @@ pub struct MigrationRecord {
     pub vm_namespace: String,
     pub vm_name: String,
     pub vm_uid: String,
-    pub source_cluster_id: Uuid,
-    pub target_cluster_id: Uuid,
+    /// None once the cluster was removed from the fleet; the name stays.
+    pub source_cluster_id: Option<Uuid>,
+    pub target_cluster_id: Option<Uuid>,
+    pub source_cluster_name: String,
+    pub target_cluster_name: String,
     pub target_namespace: String,
     pub phase: MigrationPhase,
     pub phase_timestamps: BTreeMap<String, DateTime<Utc>>,

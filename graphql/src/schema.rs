@@ -453,7 +453,8 @@ impl Query {
             result
                 .items
                 .iter()
-                .flat_map(|m| [m.source_cluster_id, m.target_cluster_id]),
+                .flat_map(|m| [m.source_cluster_id, m.target_cluster_id])
+                .flatten(),
         ));
         let mut conn = Connection::new(page.after.is_some(), result.has_next_page);
         conn.edges.extend(result.items.into_iter().map(|m| {
@@ -477,7 +478,9 @@ impl Query {
             .ok_or_else(|| ApiError::not_found(format!("migration {id} does not exist")))?;
         let clusters = Arc::new(ClusterRefs::new(
             reader(ctx).clone(),
-            [m.source_cluster_id, m.target_cluster_id],
+            [m.source_cluster_id, m.target_cluster_id]
+                .into_iter()
+                .flatten(),
         ));
         Ok(Some(Migration(m, clusters)))
     }
@@ -999,13 +1002,31 @@ impl Migration {
         }
     }
 
+    /// The source cluster's name, kept after the cluster is removed.
+    async fn source_cluster_name(&self) -> &str {
+        &self.0.source_cluster_name
+    }
+
+    /// The target cluster's name, kept after the cluster is removed.
+    async fn target_cluster_name(&self) -> &str {
+        &self.0.target_cluster_name
+    }
+
+    /// Null once the cluster was removed from the fleet.
     async fn source_cluster(&self) -> Result<Option<Cluster>> {
-        let c = self.1.get(self.0.source_cluster_id).await?;
+        let Some(id) = self.0.source_cluster_id else {
+            return Ok(None);
+        };
+        let c = self.1.get(id).await?;
         Ok(c.map(|(c, batch)| Cluster(c, batch)))
     }
 
+    /// Null once the cluster was removed from the fleet.
     async fn target_cluster(&self) -> Result<Option<Cluster>> {
-        let c = self.1.get(self.0.target_cluster_id).await?;
+        let Some(id) = self.0.target_cluster_id else {
+            return Ok(None);
+        };
+        let c = self.1.get(id).await?;
         Ok(c.map(|(c, batch)| Cluster(c, batch)))
     }
 

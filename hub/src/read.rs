@@ -121,6 +121,8 @@ fn migration_record(m: migration::Model) -> Result<MigrationRecord, ReadError> {
         vm_uid: m.vm_uid,
         source_cluster_id: m.source_cluster_id,
         target_cluster_id: m.target_cluster_id,
+        source_cluster_name: m.source_cluster_name,
+        target_cluster_name: m.target_cluster_name,
         target_namespace: m.target_namespace,
         phase_timestamps: from_json("phase timestamps", m.phase_timestamps)?,
         bytes_total: m.bytes_total,

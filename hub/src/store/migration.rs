@@ -38,6 +38,17 @@ fn big_pk_auto(m: &SchemaManager, column: &str) -> ColumnDef {
     }
 }
 
+/// Foreign key from `table.column` to `parent.id` that keeps the row (column set to NULL) when
+/// the parent goes: history outlives what it is about.
+fn fk_keep(table: &str, column: &str, parent: &str) -> ForeignKeyCreateStatement {
+    ForeignKey::create()
+        .name(format!("fk_{table}_{column}"))
+        .from(a(table), a(column))
+        .to(a(parent), a("id"))
+        .on_delete(ForeignKeyAction::SetNull)
+        .to_owned()
+}
+
 fn index(table: &str, name: &str, columns: &[&str], unique: bool) -> IndexCreateStatement {
     let mut idx = Index::create();
     idx.name(format!("ix_{table}_{name}")).table(a(table));
@@ -216,8 +227,11 @@ impl MigrationTrait for M0001Inventory {
                 .col(string_len(a("vm_namespace"), 63))
                 .col(string_len(a("vm_name"), 63))
                 .col(string_len(a("vm_uid"), 128))
-                .col(uuid(a("source_cluster_id")))
-                .col(uuid(a("target_cluster_id")))
+                .col(uuid_null(a("source_cluster_id")))
+                .col(uuid_null(a("target_cluster_id")))
+                // Names too: a migration's history stays readable after a cluster is removed.
+                .col(string_len(a("source_cluster_name"), 63))
+                .col(string_len(a("target_cluster_name"), 63))
                 .col(string_len(a("target_namespace"), 63))
                 .col(json_binary(a("storage_class_map")))
                 .col(json_binary(a("network_map")))
@@ -236,9 +250,9 @@ impl MigrationTrait for M0001Inventory {
                 .col(timestamp_with_time_zone(a("created_at")))
                 .col(timestamp_with_time_zone(a("updated_at")))
                 .col(timestamp_with_time_zone_null(a("finished_at")))
-                .foreign_key(&mut fk("migrations", "source_cluster_id", "clusters"))
-                .foreign_key(&mut fk("migrations", "target_cluster_id", "clusters"))
-                .foreign_key(&mut fk("migrations", "evacuation_id", "evacuations"))
+                .foreign_key(&mut fk_keep("migrations", "source_cluster_id", "clusters"))
+                .foreign_key(&mut fk_keep("migrations", "target_cluster_id", "clusters"))
+                .foreign_key(&mut fk_keep("migrations", "evacuation_id", "evacuations"))
                 .to_owned(),
         )
         .await?;
