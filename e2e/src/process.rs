@@ -83,6 +83,20 @@ impl HubProcess {
         }
     }
 
+    /// A join token for `cluster`, through the GraphQL mutation an operator would use.
+    pub async fn create_join_token(
+        &self,
+        http: &reqwest::Client,
+        cluster: &str,
+    ) -> anyhow::Result<String> {
+        let query = format!(r#"mutation {{ createJoinToken(cluster: "{cluster}") {{ token }} }}"#);
+        let resp = crate::testbed::post_gql(http, &self.url("/graphql"), &query).await?;
+        resp["data"]["createJoinToken"]["token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("createJoinToken failed: {resp}"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -70,6 +70,19 @@ fn new_csr() -> (String, String) {
     (csr, key.serialize_pem())
 }
 
+/// A certificate for `cluster` straight from `pki` (not through a join), with its key.
+fn issue(
+    pki: &Pki,
+    cluster: &str,
+    validity: Duration,
+) -> (drover_hub::pki::IssuedCertificate, String) {
+    let (csr, key) = new_csr();
+    let cert = pki
+        .issue_agent_certificate(&csr, &ClusterName::new(cluster).unwrap(), validity)
+        .unwrap();
+    (cert, key)
+}
+
 async fn create_token(e: &AgentEndpoint, cluster: &str) -> String {
     let d = e
         .hub
@@ -229,14 +242,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
     // A certificate from another CA never completes the handshake.
     let other_dir = tempfile::tempdir().unwrap();
     let other = Pki::load_or_create(other_dir.path()).unwrap();
-    let (csr_pem, other_key) = new_csr();
-    let foreign = other
-        .issue_agent_certificate(
-            &csr_pem,
-            &ClusterName::new("east-1").unwrap(),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let (foreign, other_key) = issue(&other, "east-1", Duration::from_secs(3600));
     let client = agent_client(&joined.ca, &foreign.pem, &other_key);
     assert!(
         identity_status(&client, &e).await.is_err(),
@@ -257,16 +263,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
     );
 
     // Expired: signed by the hub's own CA, but past its validity.
-    let (csr_pem, expired_key) = new_csr();
-    let expired = e
-        .hub
-        .pki
-        .issue_agent_certificate(
-            &csr_pem,
-            &ClusterName::new("east-1").unwrap(),
-            Duration::ZERO,
-        )
-        .unwrap();
+    let (expired, expired_key) = issue(&e.hub.pki, "east-1", Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let client = agent_client(&joined.ca, &expired.pem, &expired_key);
     assert!(
@@ -275,16 +272,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
     );
 
     // Not issued through a join (unknown to the hub): refused after the handshake.
-    let (csr_pem, stray_key) = new_csr();
-    let stray = e
-        .hub
-        .pki
-        .issue_agent_certificate(
-            &csr_pem,
-            &ClusterName::new("east-1").unwrap(),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let (stray, stray_key) = issue(&e.hub.pki, "east-1", Duration::from_secs(3600));
     let client = agent_client(&joined.ca, &stray.pem, &stray_key);
     assert_eq!(identity_status(&client, &e).await, Ok(403));
 

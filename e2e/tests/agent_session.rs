@@ -181,6 +181,15 @@ where
     }
 }
 
+/// A hello for `cluster` offering one protocol version.
+fn hello(cluster: &str, version: u32) -> AgentMessage {
+    AgentMessage::Hello {
+        cluster: ClusterName::new(cluster).unwrap(),
+        protocol_versions: vec![version],
+        agent_version: "test".into(),
+    }
+}
+
 fn send(msg: &AgentMessage) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap().into())
 }
@@ -193,13 +202,7 @@ async fn a_certificate_cannot_report_for_another_cluster() {
 
     // Hello naming another cluster.
     let mut ws = raw_session(&east, &e.base).await;
-    ws.send(send(&AgentMessage::Hello {
-        cluster: ClusterName::new("west-1").unwrap(),
-        protocol_versions: vec![1],
-        agent_version: "test".into(),
-    }))
-    .await
-    .unwrap();
+    ws.send(send(&hello("west-1", 1))).await.unwrap();
     match next_hub_message(&mut ws).await {
         Some(HubMessage::Refused { code, .. }) => assert_eq!(code, "WRONG_CLUSTER"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -207,13 +210,7 @@ async fn a_certificate_cannot_report_for_another_cluster() {
 
     // A proper hello, then a snapshot for another cluster: refused and the session ends.
     let mut ws = raw_session(&east, &e.base).await;
-    ws.send(send(&AgentMessage::Hello {
-        cluster: ClusterName::new("east-1").unwrap(),
-        protocol_versions: vec![1],
-        agent_version: "test".into(),
-    }))
-    .await
-    .unwrap();
+    ws.send(send(&hello("east-1", 1))).await.unwrap();
     assert!(matches!(
         next_hub_message(&mut ws).await,
         Some(HubMessage::Welcome {
@@ -245,13 +242,7 @@ async fn a_certificate_cannot_report_for_another_cluster() {
 
     // An unsupported protocol version is refused with a hint.
     let mut ws = raw_session(&east, &e.base).await;
-    ws.send(send(&AgentMessage::Hello {
-        cluster: ClusterName::new("east-1").unwrap(),
-        protocol_versions: vec![99],
-        agent_version: "future".into(),
-    }))
-    .await
-    .unwrap();
+    ws.send(send(&hello("east-1", 99))).await.unwrap();
     match next_hub_message(&mut ws).await {
         Some(HubMessage::Refused { code, message, .. }) => {
             assert_eq!(code, "UNSUPPORTED_VERSION");
@@ -266,11 +257,7 @@ async fn a_newer_session_replaces_an_older_one() {
     let e = endpoint("session_replace").await;
     let dir = tempfile::tempdir().unwrap();
     let east = joined(&e.hub, &e.base, "east-1", dir.path()).await;
-    let hello = AgentMessage::Hello {
-        cluster: ClusterName::new("east-1").unwrap(),
-        protocol_versions: vec![1],
-        agent_version: "test".into(),
-    };
+    let hello = hello("east-1", 1);
     let mut first = raw_session(&east, &e.base).await;
     first.send(send(&hello)).await.unwrap();
     assert!(matches!(

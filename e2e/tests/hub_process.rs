@@ -234,17 +234,7 @@ async fn an_agent_joins_a_hub_started_from_the_readme_once() {
         "the hub made its CA in --data-dir"
     );
     let http = reqwest::Client::new();
-    let resp = post_gql(
-        &http,
-        &hub.url("/graphql"),
-        r#"mutation { createJoinToken(cluster: "east-1") { token } }"#,
-    )
-    .await
-    .unwrap();
-    let token = resp["data"]["createJoinToken"]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = hub.create_join_token(&http, "east-1").await.unwrap();
     let agent_dir = tempfile::tempdir().unwrap();
     let out = agent(
         &[
@@ -300,14 +290,7 @@ async fn an_agent_joins_a_hub_started_from_the_readme_once() {
     assert!(err.contains("already used"), "{err}");
 
     // A token whose CA pin is not this hub's: the agent refuses to talk to the hub.
-    let resp = post_gql(
-        &http,
-        &hub.url("/graphql"),
-        r#"mutation { createJoinToken(cluster: "east-2") { token } }"#,
-    )
-    .await
-    .unwrap();
-    let token = resp["data"]["createJoinToken"]["token"].as_str().unwrap();
+    let token = hub.create_join_token(&http, "east-2").await.unwrap();
     let (head, _) = token.rsplit_once('.').unwrap();
     let wrong_pin = format!("{head}.{}", "ab".repeat(32));
     let out = agent(
@@ -345,17 +328,7 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let mut hub = HubProcess::start_with_agent_port(dir.path(), None, agent_port).await;
     let http = reqwest::Client::new();
-    let resp = post_gql(
-        &http,
-        &hub.url("/graphql"),
-        r#"mutation { createJoinToken(cluster: "east-1") { token } }"#,
-    )
-    .await
-    .unwrap();
-    let token = resp["data"]["createJoinToken"]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = hub.create_join_token(&http, "east-1").await.unwrap();
     let agent_dir = tempfile::tempdir().unwrap();
     let cluster_name = drover_shared::ClusterName::new("east-1").unwrap();
     let identity = drover_agent::identity::AgentIdentity::join(

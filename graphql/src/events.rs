@@ -1,7 +1,5 @@
 //! Events the hub publishes to GraphQL subscriptions.
 
-use uuid::Uuid;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, async_graphql::Enum)]
 pub enum InventoryEventKind {
     /// A full snapshot replaced the cluster's inventory.
@@ -16,8 +14,6 @@ pub enum InventoryEventKind {
 #[derive(Debug, Clone, async_graphql::SimpleObject)]
 pub struct InventoryEvent {
     pub cluster: String,
-    #[graphql(skip)]
-    pub cluster_id: Uuid,
     pub kind: InventoryEventKind,
     /// The cluster's inventory generation after the change.
     pub generation: crate::schema::Long,

@@ -354,54 +354,52 @@ impl Ingest {
         Ok(outcome)
     }
 
-    /// Records a cluster's health as the hub judges it.
+    /// Records a cluster's health as the hub judges it (seeding, operators).
     pub async fn set_cluster_health(
         &self,
         cluster: &str,
         health: ClusterHealth,
     ) -> Result<(), IngestError> {
-        let _turn = self.write_turn().await;
-        let now = Utc::now();
-        let res = cluster::Entity::update_many()
-            .col_expr(cluster::Column::Health, health.as_str().into())
-            .col_expr(cluster::Column::UpdatedAt, now.into())
-            .filter(cluster::Column::Name.eq(cluster))
-            .exec(&self.store.db)
-            .await?;
-        if res.rows_affected == 0 {
-            return Err(IngestError::NoSuchCluster {
-                cluster: cluster.to_owned(),
-            });
-        }
-        self.publish(cluster, Uuid::nil(), InventoryEventKind::Status, -1, 0, now);
-        Ok(())
+        self.write_health(cluster, health, None, true).await
     }
 
-    /// Records a heartbeat: the agent's judgement of its cluster, and when it was last heard.
+    /// Records a heartbeat: the agent's judgement of its cluster and when it was last heard, in
+    /// one statement. `changed` says whether the session last recorded another health; only then
+    /// is there news for subscribers.
     pub async fn record_heartbeat(
         &self,
         cluster: &str,
         health: ClusterHealth,
+        changed: bool,
+    ) -> Result<(), IngestError> {
+        self.write_health(cluster, health, Some(Utc::now()), changed)
+            .await
+    }
+
+    async fn write_health(
+        &self,
+        cluster: &str,
+        health: ClusterHealth,
+        heard_at: Option<DateTime<Utc>>,
+        publish: bool,
     ) -> Result<(), IngestError> {
         let _turn = self.write_turn().await;
         let now = Utc::now();
-        let changed = cluster::Entity::update_many()
+        let mut update = cluster::Entity::update_many()
             .col_expr(cluster::Column::Health, health.as_str().into())
-            .col_expr(cluster::Column::LastHeartbeatAt, Some(now).into())
             .col_expr(cluster::Column::UpdatedAt, now.into())
-            .filter(cluster::Column::Name.eq(cluster))
-            .filter(cluster::Column::Health.ne(health.as_str()))
-            .exec(&self.store.db)
-            .await?;
-        if changed.rows_affected > 0 {
-            tracing::info!(%cluster, health = health.as_str(), "cluster health changed");
-            self.publish(cluster, Uuid::nil(), InventoryEventKind::Status, -1, 0, now);
-        } else {
-            cluster::Entity::update_many()
-                .col_expr(cluster::Column::LastHeartbeatAt, Some(now).into())
-                .filter(cluster::Column::Name.eq(cluster))
-                .exec(&self.store.db)
-                .await?;
+            .filter(cluster::Column::Name.eq(cluster));
+        if let Some(at) = heard_at {
+            update = update.col_expr(cluster::Column::LastHeartbeatAt, Some(at).into());
+        }
+        if update.exec(&self.store.db).await?.rows_affected == 0 {
+            return Err(IngestError::NoSuchCluster {
+                cluster: cluster.to_owned(),
+            });
+        }
+        if publish {
+            tracing::info!(%cluster, health = health.as_str(), "cluster health recorded");
+            self.publish(cluster, InventoryEventKind::Status, -1, 0, now);
         }
         Ok(())
     }
@@ -446,7 +444,7 @@ impl Ingest {
             .await?;
         for name in &names {
             tracing::warn!(cluster = %name, ?silence, "cluster unreachable: no heartbeat");
-            self.publish(name, Uuid::nil(), InventoryEventKind::Status, -1, 0, now);
+            self.publish(name, InventoryEventKind::Status, -1, 0, now);
         }
         Ok(names)
     }
@@ -470,20 +468,12 @@ impl Ingest {
             + outcome.nodes_removed
             + outcome.vms_upserted
             + outcome.vms_removed;
-        self.publish(
-            cluster,
-            outcome.cluster_id,
-            kind,
-            outcome.generation as i64,
-            changes,
-            now,
-        );
+        self.publish(cluster, kind, outcome.generation as i64, changes, now);
     }
 
     fn publish(
         &self,
         cluster: &str,
-        cluster_id: Uuid,
         kind: InventoryEventKind,
         generation: i64,
         changes: usize,
@@ -492,7 +482,6 @@ impl Ingest {
         // No subscriber is fine: the event is only news.
         let _ = self.events.send(InventoryEvent {
             cluster: cluster.to_owned(),
-            cluster_id,
             kind,
             generation: drover_graphql::schema::Long(generation),
             changes: changes.min(i32::MAX as usize) as i32,

@@ -129,10 +129,6 @@ impl Pki {
         &self.ca_pem
     }
 
-    pub fn ca_der(&self) -> &CertificateDer<'static> {
-        &self.ca_der
-    }
-
     /// What agents pin when they join: the SHA-256 of the CA certificate.
     pub fn ca_sha256(&self) -> String {
         sha256_hex(&self.ca_der)

@@ -38,9 +38,13 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new().build_recorder();
             let handle = recorder.handle();
-            // Another recorder may already be installed by an embedding program; then ours
-            // still renders what this hub registers through the handle's own registry.
-            let _ = metrics::set_global_recorder(recorder);
+            // If an embedding program installed its own recorder first, that one receives the
+            // hub's metrics and /metrics shows only what this handle knows; say so.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "another metrics recorder is installed; /metrics will be incomplete"
+                );
+            }
             handle
         })
         .clone()

@@ -80,10 +80,6 @@ impl Sessions {
         ended.is_some()
     }
 
-    pub fn timing(&self) -> SessionTiming {
-        self.timing
-    }
-
     /// How many sessions are open now.
     pub fn live_count(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
@@ -182,6 +178,8 @@ impl Sessions {
         }
         let (id, mut replaced) = self.register(&cluster);
         tracing::info!(%cluster, agent_version = %hello.1, "agent session open");
+        // The health this session last recorded: a heartbeat that repeats it is not news.
+        let mut recorded_health = None;
         loop {
             tokio::select! {
                 reason = &mut replaced => {
@@ -199,7 +197,7 @@ impl Sessions {
                             break;
                         }
                     };
-                    if !self.handle(&mut socket, &cluster, msg).await {
+                    if !self.handle(&mut socket, &cluster, msg, &mut recorded_health).await {
                         break;
                     }
                 }
@@ -215,6 +213,7 @@ impl Sessions {
         socket: &mut WebSocket,
         cluster: &ClusterName,
         msg: AgentMessage,
+        recorded_health: &mut Option<ClusterHealth>,
     ) -> bool {
         let result = match msg {
             AgentMessage::Hello { .. } => {
@@ -266,8 +265,16 @@ impl Sessions {
                 if let Some(reason) = reason {
                     tracing::debug!(%cluster, %reason, "agent reports degraded");
                 }
-                if let Err(e) = self.ingest.record_heartbeat(cluster.as_str(), health).await {
-                    tracing::warn!(%cluster, error = %e, "recording a heartbeat failed");
+                let changed = *recorded_health != Some(health);
+                match self
+                    .ingest
+                    .record_heartbeat(cluster.as_str(), health, changed)
+                    .await
+                {
+                    Ok(()) => *recorded_health = Some(health),
+                    // The cluster has no inventory yet (its snapshot was refused): nothing to mark.
+                    Err(IngestError::NoSuchCluster { .. }) => {}
+                    Err(e) => tracing::warn!(%cluster, error = %e, "recording a heartbeat failed"),
                 }
                 return true;
             }

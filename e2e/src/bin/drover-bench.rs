@@ -498,17 +498,12 @@ async fn join_many(
     let results: Vec<anyhow::Result<Agent>> = futures::stream::iter(range)
         .map(|i| async move {
             let name = ClusterName::new(format!("c-{i:05}"))?;
-            let resp: Value = http
-                .post(hub.url("/graphql"))
-                .json(&json!({"query": format!("mutation {{ createJoinToken(cluster: \"{name}\") {{ token }} }}")}))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let token = resp["data"]["createJoinToken"]["token"].as_str().context("no token")?.to_owned();
+            let token = hub.create_join_token(http, name.as_str()).await?;
             let dir = root.join(name.as_str());
             drover_agent::identity::AgentIdentity::join(&dir, &hub.agents, &name, &token).await?;
-            let list = (0..vms).map(|j| vm("web", &format!("vm-{j:03}"), (i << 8) + j)).collect();
+            let list = (0..vms)
+                .map(|j| vm("web", &format!("vm-{j:03}"), (i << 8) + j))
+                .collect();
             Ok((dir, drover_e2e::testbed::TestCluster::new(list)))
         })
         .buffer_unordered(16)
