@@ -559,6 +559,13 @@ impl NodeInfo {
 }
 
 impl VmInfo {
+    /// Everything wrong with this one VM (empty when it is acceptable).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Problems(Vec::new());
+        self.check(&mut problems);
+        problems.0
+    }
+
     fn check(&self, problems: &mut Problems) {
         let owner = format!("virtual machine {}/{}", self.namespace, self.name);
         if let Err(e) = Namespace::new(self.namespace.clone()) {

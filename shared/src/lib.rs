@@ -2,6 +2,7 @@
 //! model an agent reports, label selectors, and the one telemetry setup every binary uses.
 //! Nothing here performs I/O policy; it is plain data plus validation.
 
+pub mod commands;
 pub mod identity;
 pub mod ids;
 pub mod inventory;

@@ -3,6 +3,7 @@
 //! cluster and executes the hub's commands.
 
 pub mod identity;
+pub mod runtime;
 pub mod session;
 
 pub use drover_shared::inventory;
