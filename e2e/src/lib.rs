@@ -1,6 +1,7 @@
 //! drover-e2e: the test bed (throwaway PostgreSQL, hubs on fresh stores, real binaries,
 //! fixtures) and the end-to-end and benchmark suites that use it.
 
+pub mod agents;
 pub mod postgres;
 pub mod process;
 pub mod testbed;

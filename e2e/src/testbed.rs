@@ -126,11 +126,20 @@ pub struct AgentEndpoint {
 }
 
 impl AgentEndpoint {
+    /// A hub on SQLite with its agent endpoint.
     pub async fn start(
         name: &str,
         timing: Option<drover_hub::sessions::SessionTiming>,
     ) -> anyhow::Result<Self> {
-        let mut hub = TestHub::new(Backend::Sqlite, name).await?;
+        Self::start_on(Backend::Sqlite, name, timing).await
+    }
+
+    pub async fn start_on(
+        backend: Backend,
+        name: &str,
+        timing: Option<drover_hub::sessions::SessionTiming>,
+    ) -> anyhow::Result<Self> {
+        let mut hub = TestHub::new(backend, name).await?;
         if let Some(timing) = timing {
             hub.hub = hub.hub.clone().with_session_timing(timing);
         }
@@ -284,9 +293,13 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// A cluster whose inventory a test controls, reported through the agent's real session code
 /// (the QEMU runtime will be the real source).
+/// An in-memory cluster for session and command tests: a fixed node, VMs the test adds, and
+/// lifecycle commands that change its VMs (counted, to prove a key runs at most once).
 pub struct TestCluster {
     state: std::sync::Mutex<(Vec<NodeInfo>, Vec<VmInfo>)>,
     changes: tokio::sync::broadcast::Sender<Vec<InventoryChange>>,
+    /// Commands executed so far.
+    pub executed: std::sync::atomic::AtomicUsize,
 }
 
 impl TestCluster {
@@ -294,7 +307,76 @@ impl TestCluster {
         std::sync::Arc::new(Self {
             state: std::sync::Mutex::new((vec![node("node-a", 64, 16)], vms)),
             changes: tokio::sync::broadcast::channel(64).0,
+            executed: Default::default(),
         })
+    }
+
+    /// The agent's command executor over this cluster, journaled in `dir`.
+    pub fn commands(
+        self: &std::sync::Arc<Self>,
+        dir: &std::path::Path,
+    ) -> drover_agent::commands::Commands {
+        drover_agent::commands::CommandExecutor::open(dir, self.clone())
+            .expect("open the command journal")
+    }
+
+    pub fn vms(&self) -> Vec<VmInfo> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    fn apply(&self, command: drover_shared::commands::AgentCommand) -> Result<String, String> {
+        use drover_shared::commands::AgentCommand::*;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let vms = &mut state.1;
+        let find = |vms: &Vec<VmInfo>, ns: &str, name: &str| {
+            vms.iter()
+                .position(|v| v.namespace == ns && v.name == name)
+                .ok_or_else(|| format!("no virtual machine {ns}/{name}"))
+        };
+        let change = match command {
+            CreateVm { spec } => {
+                if find(vms, &spec.namespace, &spec.name).is_ok() {
+                    return Err(format!("{}/{} exists", spec.namespace, spec.name));
+                }
+                let phase = if spec.run_strategy == RunStrategy::Halted {
+                    VmPhase::Stopped
+                } else {
+                    VmPhase::Running
+                };
+                let vm = spec.to_info(
+                    &uuid::Uuid::new_v4().to_string(),
+                    phase,
+                    Some("node-a".into()),
+                );
+                vms.push(vm.clone());
+                InventoryChange::VmUpserted { vm }
+            }
+            StartVm { namespace, name } => {
+                let i = find(vms, &namespace, &name)?;
+                vms[i].phase = VmPhase::Running;
+                vms[i].run_strategy = RunStrategy::Always;
+                InventoryChange::VmUpserted { vm: vms[i].clone() }
+            }
+            StopVm {
+                namespace, name, ..
+            } => {
+                let i = find(vms, &namespace, &name)?;
+                vms[i].phase = VmPhase::Stopped;
+                vms[i].run_strategy = RunStrategy::Halted;
+                InventoryChange::VmUpserted { vm: vms[i].clone() }
+            }
+            DeleteVm { namespace, name } => {
+                let i = find(vms, &namespace, &name)?;
+                vms.remove(i);
+                InventoryChange::VmRemoved { namespace, name }
+            }
+        };
+        let _ = self.changes.send(vec![change]);
+        Ok("done".into())
     }
 
     pub fn add_vm(&self, v: VmInfo) {
@@ -306,6 +388,24 @@ impl TestCluster {
         let _ = self
             .changes
             .send(vec![InventoryChange::VmUpserted { vm: v }]);
+    }
+}
+
+impl drover_agent::commands::CommandHandler for TestCluster {
+    fn execute(
+        &self,
+        command: drover_shared::commands::AgentCommand,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = drover_shared::commands::CommandOutcome> + Send + '_>,
+    > {
+        Box::pin(async move {
+            self.executed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match self.apply(command) {
+                Ok(message) => drover_shared::commands::CommandOutcome::Succeeded { message },
+                Err(reason) => drover_shared::commands::CommandOutcome::Failed { reason },
+            }
+        })
     }
 }
 

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_agent::identity::AgentIdentity;
-use drover_agent::session::{self, SessionStatus};
+use drover_e2e::agents::{eventually, join, RunningAgent};
 use drover_e2e::testbed::{vm, AgentEndpoint, TestCluster, TestHub};
 use drover_hub::sessions::SessionTiming;
 use drover_shared::protocol::{AgentMessage, HubMessage};
 use drover_shared::ClusterName;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 const FAST: SessionTiming = SessionTiming {
@@ -25,65 +24,6 @@ const FAST: SessionTiming = SessionTiming {
 
 async fn endpoint(name: &str) -> AgentEndpoint {
     AgentEndpoint::start(name, Some(FAST)).await.unwrap()
-}
-
-async fn joined(
-    hub: &TestHub,
-    base: &str,
-    cluster: &str,
-    dir: &std::path::Path,
-) -> Arc<AgentIdentity> {
-    let cluster = ClusterName::new(cluster).unwrap();
-    let token = hub
-        .hub
-        .identities
-        .create_join_token(&cluster, Duration::from_secs(600), "test")
-        .await
-        .unwrap();
-    Arc::new(
-        AgentIdentity::join(dir, base, &cluster, &token.token)
-            .await
-            .unwrap(),
-    )
-}
-
-struct RunningAgent {
-    status: watch::Receiver<SessionStatus>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningAgent {
-    fn start(dir: &std::path::Path, base: &str, source: Arc<TestCluster>) -> Self {
-        let identity = AgentIdentity::load(dir).unwrap();
-        let (status_tx, status) = watch::channel(SessionStatus::default());
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(session::run(
-            identity,
-            dir.to_owned(),
-            base.to_owned(),
-            source,
-            status_tx,
-            stopped,
-        ));
-        Self { status, stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-async fn eventually(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !probe().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn cluster_view(hub: &TestHub, name: &str) -> Value {
@@ -101,7 +41,7 @@ async fn cluster_view(hub: &TestHub, name: &str) -> Value {
 async fn an_agent_reports_its_cluster_and_a_silent_one_becomes_unreachable() {
     let e = endpoint("session_report").await;
     let dir = tempfile::tempdir().unwrap();
-    joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    join(&e.hub, &e.base, "east-1", dir.path()).await;
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
     let agent = RunningAgent::start(dir.path(), &e.base, cluster.clone());
 
@@ -198,7 +138,7 @@ fn send(msg: &AgentMessage) -> Message {
 async fn a_certificate_cannot_report_for_another_cluster() {
     let e = endpoint("session_wrong_cluster").await;
     let dir = tempfile::tempdir().unwrap();
-    let east = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    let east = join(&e.hub, &e.base, "east-1", dir.path()).await;
 
     // Hello naming another cluster.
     let mut ws = raw_session(&east, &e.base).await;
@@ -256,7 +196,7 @@ async fn a_certificate_cannot_report_for_another_cluster() {
 async fn a_newer_session_replaces_an_older_one() {
     let e = endpoint("session_replace").await;
     let dir = tempfile::tempdir().unwrap();
-    let east = joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    let east = join(&e.hub, &e.base, "east-1", dir.path()).await;
     let hello = hello("east-1", 1);
     let mut first = raw_session(&east, &e.base).await;
     first.send(send(&hello)).await.unwrap();
@@ -281,7 +221,7 @@ async fn a_newer_session_replaces_an_older_one() {
 async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
     let e = endpoint("session_remove").await;
     let dir = tempfile::tempdir().unwrap();
-    joined(&e.hub, &e.base, "east-1", dir.path()).await;
+    join(&e.hub, &e.base, "east-1", dir.path()).await;
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
     let mut agent = RunningAgent::start(dir.path(), &e.base, cluster);
     eventually(

@@ -347,6 +347,7 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
         agent_dir.path().to_owned(),
         hub.agents.clone(),
         cluster.clone(),
+        cluster.commands(agent_dir.path()),
         status_tx,
         stopped,
     ));

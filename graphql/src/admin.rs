@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use drover_shared::commands::AgentCommand;
 use drover_shared::ClusterName;
 
 use crate::reader::ReadError;
@@ -26,12 +27,39 @@ pub struct RemovedCluster {
     pub session_ended: bool,
 }
 
+/// Where a hub -> agent command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandProgress {
+    /// Stored; not yet acknowledged by the agent (it may be offline: it gets it on reconnect).
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+/// A hub -> agent command as the hub records it.
+#[derive(Debug, Clone)]
+pub struct CommandRecord {
+    pub cluster: String,
+    pub key: String,
+    pub kind: String,
+    pub state: CommandProgress,
+    /// The agent's message (success) or reason (failure).
+    pub message: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub send_count: i32,
+    pub acked_at: Option<DateTime<Utc>>,
+}
+
 /// Why an administrative change was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
     NotFound(String),
     /// The change is not safe now; the message says why and what to do.
     Conflict(String),
+    /// The request itself is wrong; the message says what and how to fix it.
+    Invalid(String),
     Read(ReadError),
 }
 
@@ -58,4 +86,22 @@ pub trait FleetAdmin: Send + Sync + 'static {
         cluster: &ClusterName,
         actor: &str,
     ) -> Result<RemovedCluster, AdminError>;
+
+    /// Stores `command` for `cluster`'s agent under `key` (a repeat with the same key and
+    /// command returns the first one), delivers it, and waits up to `wait` for the outcome.
+    async fn run_command(
+        &self,
+        cluster: &ClusterName,
+        key: &str,
+        command: AgentCommand,
+        wait: Duration,
+        actor: &str,
+    ) -> Result<CommandRecord, AdminError>;
+
+    /// A command by its cluster and idempotency key.
+    async fn command(
+        &self,
+        cluster: &ClusterName,
+        key: &str,
+    ) -> Result<Option<CommandRecord>, ReadError>;
 }

@@ -106,6 +106,7 @@ impl From<crate::admin::AdminError> for ApiError {
         match e {
             crate::admin::AdminError::NotFound(m) => Self::not_found(m),
             crate::admin::AdminError::Conflict(m) => Self::new(ErrorCode::Conflict, m),
+            crate::admin::AdminError::Invalid(m) => Self::bad_input(m),
             crate::admin::AdminError::Read(e) => e.into(),
         }
     }

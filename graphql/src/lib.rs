@@ -6,11 +6,14 @@ pub mod admin;
 pub mod batch;
 pub mod error;
 pub mod events;
+pub mod lifecycle;
 pub mod model;
 pub mod reader;
 pub mod schema;
 
-pub use admin::{AdminError, FleetAdmin, JoinTokenRecord, RemovedCluster};
+pub use admin::{
+    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, RemovedCluster,
+};
 pub use error::{classify_response_errors, ApiError, ErrorCode};
 pub use events::{InventoryEvent, InventoryEventKind};
 pub use reader::{FleetReader, ReadError};

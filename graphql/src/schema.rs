@@ -59,7 +59,7 @@ pub fn build_schema(
     events: broadcast::Sender<InventoryEvent>,
     limits: SchemaLimits,
 ) -> DroverSchema {
-    Schema::build(Query, Mutation, Subscription)
+    Schema::build(Query, Mutation::default(), Subscription)
         .data(reader)
         .data(admin)
         .data(events)
@@ -71,7 +71,9 @@ pub fn build_schema(
 
 /// The schema's SDL, as checked in at `graphql/schema.graphql`.
 pub fn schema_sdl() -> String {
-    Schema::build(Query, Mutation, Subscription).finish().sdl()
+    Schema::build(Query, Mutation::default(), Subscription)
+        .finish()
+        .sdl()
 }
 
 fn reader<'a>(ctx: &'a Context<'_>) -> &'a Reader {
@@ -483,6 +485,17 @@ impl Query {
                 .flatten(),
         ));
         Ok(Some(Migration(m, clusters)))
+    }
+
+    /// A hub -> agent command by cluster and idempotency key, to follow one that answered
+    /// PENDING (the agent was offline or slow).
+    async fn agent_command(
+        &self,
+        ctx: &Context<'_>,
+        cluster: String,
+        idempotency_key: String,
+    ) -> Result<Option<crate::lifecycle::AgentCommandStatus>> {
+        crate::lifecycle::agent_command(ctx, cluster, idempotency_key).await
     }
 }
 
@@ -1098,7 +1111,12 @@ impl Migration {
 // ---------------------------------------------------------------------------------------------
 // Mutation
 
-pub struct Mutation;
+/// Mutations: fleet administration here, VM lifecycle in `lifecycle`.
+#[derive(async_graphql::MergedObject, Default)]
+pub struct Mutation(AdminMutation, crate::lifecycle::LifecycleMutation);
+
+#[derive(Default)]
+pub struct AdminMutation;
 
 /// A one-time join token; `token` is shown only here.
 #[derive(SimpleObject)]
@@ -1123,7 +1141,7 @@ pub struct ClusterRemoval {
 }
 
 #[Object]
-impl Mutation {
+impl AdminMutation {
     /// Removes a cluster from the fleet: its agent's certificates are revoked (it can no longer
     /// connect or report), its session ends, and its inventory is forgotten. The virtual
     /// machines themselves are not touched. Refused while migrations to or from it are in flight.

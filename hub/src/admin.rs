@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use drover_graphql::{AdminError, FleetAdmin, JoinTokenRecord, ReadError, RemovedCluster};
+use drover_graphql::{
+    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, ReadError,
+    RemovedCluster,
+};
+use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::MigrationPhase;
 use drover_shared::ClusterName;
 use sea_orm::ConnectionTrait;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 
+use crate::commands::{CommandError, CommandState, CommandStore, StoredCommand};
 use crate::identity::Identities;
 use crate::sessions::Sessions;
 use crate::store::entities::{agent_certificate, cluster, migration, vm};
@@ -21,6 +26,34 @@ pub struct HubAdmin {
     pub store: Store,
     pub identities: Identities,
     pub sessions: Sessions,
+    pub commands: CommandStore,
+}
+
+fn record(c: StoredCommand) -> CommandRecord {
+    CommandRecord {
+        cluster: c.cluster,
+        key: c.key,
+        kind: c.command.kind().to_owned(),
+        state: match c.state {
+            CommandState::Pending => CommandProgress::Pending,
+            CommandState::Succeeded => CommandProgress::Succeeded,
+            CommandState::Failed => CommandProgress::Failed,
+        },
+        message: c.result_message,
+        created_by: c.created_by,
+        created_at: c.created_at,
+        sent_at: c.sent_at,
+        send_count: c.send_count,
+        acked_at: c.acked_at,
+    }
+}
+
+fn command_err(e: CommandError) -> AdminError {
+    match e {
+        CommandError::Store(e) => AdminError::Read(store_err(e)),
+        e @ CommandError::KeyReused { .. } => AdminError::Conflict(e.to_string()),
+        e @ CommandError::BadKey(_) => AdminError::Invalid(e.to_string()),
+    }
 }
 
 fn store_err(e: StoreError) -> ReadError {
@@ -108,6 +141,68 @@ impl FleetAdmin for HubAdmin {
             .await;
         result
     }
+
+    async fn run_command(
+        &self,
+        cluster: &ClusterName,
+        key: &str,
+        command: AgentCommand,
+        wait: Duration,
+        actor: &str,
+    ) -> Result<CommandRecord, AdminError> {
+        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
+        let known = cluster::Entity::find()
+            .filter(cluster::Column::Name.eq(cluster.as_str()))
+            .count(&self.store.db)
+            .await
+            .map_err(db_err)?;
+        if known == 0 {
+            return Err(AdminError::NotFound(format!(
+                "cluster \"{cluster}\" is not in the fleet (its agent has not reported yet); `clusters` lists the clusters there are"
+            )));
+        }
+        let kind = command.kind();
+        let submitted = self
+            .commands
+            .submit(cluster, key, &command, actor)
+            .await
+            .map_err(command_err);
+        let details = json!({"key": key, "command": command});
+        let (stored, new) = match submitted {
+            Ok(s) => s,
+            Err(e) => {
+                self.audit(actor, kind, cluster.as_str(), "refused", details)
+                    .await;
+                return Err(e);
+            }
+        };
+        if new {
+            self.audit(actor, kind, cluster.as_str(), "submitted", details)
+                .await;
+            if !self.sessions.deliver(stored.clone()) {
+                tracing::info!(%cluster, %key, "command stored; the agent gets it when its session is back");
+            }
+        }
+        let current = self
+            .commands
+            .wait(cluster.as_str(), key, wait)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)))?;
+        Ok(record(current.unwrap_or(stored)))
+    }
+
+    async fn command(
+        &self,
+        cluster: &ClusterName,
+        key: &str,
+    ) -> Result<Option<CommandRecord>, ReadError> {
+        Ok(self
+            .commands
+            .get(cluster.as_str(), key)
+            .await
+            .map_err(store_err)?
+            .map(record))
+    }
 }
 
 impl HubAdmin {
@@ -166,6 +261,9 @@ impl HubAdmin {
             )));
         }
         tx.commit().await.map_err(db_err)?;
+        if let Err(e) = self.commands.forget_cluster(name.as_str()).await {
+            tracing::warn!(cluster = %name, error = %e, "forgetting the removed cluster's commands failed");
+        }
         let session_ended = self
             .sessions
             .end(name, "the cluster was removed from the fleet");

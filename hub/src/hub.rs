@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 
 use crate::admin::HubAdmin;
 use crate::agent_endpoint::{self, TlsListener};
+use crate::commands::CommandStore;
 use crate::identity::Identities;
 use crate::ingest::Ingest;
 use crate::pki::{Pki, PkiError};
@@ -24,6 +25,7 @@ pub struct Hub {
     pub ingest: Ingest,
     pub identities: Identities,
     pub sessions: Sessions,
+    pub commands: CommandStore,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
 }
@@ -63,11 +65,13 @@ impl Hub {
         let reader = Arc::new(StoreReader::new(store.clone()));
         let identities = Identities::new(store.clone(), pki);
         let ingest = Ingest::new(store.clone(), events.clone());
-        let sessions = Sessions::new(ingest.clone(), SessionTiming::default());
+        let commands = CommandStore::new(store.clone());
+        let sessions = Sessions::new(ingest.clone(), commands.clone(), SessionTiming::default());
         let admin = Arc::new(HubAdmin {
             store: store.clone(),
             identities: identities.clone(),
             sessions: sessions.clone(),
+            commands: commands.clone(),
         });
         let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
         Self {
@@ -75,6 +79,7 @@ impl Hub {
             ingest,
             identities,
             sessions,
+            commands,
             schema,
             events,
         }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent_endpoint;
+pub mod commands;
 pub mod hub;
 pub mod identity;
 pub mod ingest;

@@ -2,6 +2,8 @@
 //! cluster its certificate names. The session ingests what the agent reports through the normal
 //! ingest path, records heartbeats, and ends on silence; a newer session of the same cluster
 //! replaces an older one. A sweeper marks clusters whose agents fell silent `Unreachable`.
+//! Sessions also carry the hub's durable commands: every pending command goes out when a session
+//! opens, new ones as they are stored, and unacknowledged ones again after a backoff.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +14,9 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use drover_shared::inventory::ClusterHealth;
 use drover_shared::protocol::{negotiate, AgentMessage, HubMessage, ReportedHealth};
 use drover_shared::ClusterName;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::commands::{CommandStore, StoredCommand};
 use crate::ingest::{Ingest, IngestError};
 
 /// Timing of sessions; tests shorten it.
@@ -37,13 +40,23 @@ impl Default for SessionTiming {
     }
 }
 
-/// A live session: its id, and how to tell it to end.
-type LiveSession = (u64, oneshot::Sender<String>);
+/// A live session: its id, how to tell it to end, and where to hand it commands.
+struct LiveSession {
+    id: u64,
+    end: oneshot::Sender<String>,
+    commands: mpsc::Sender<StoredCommand>,
+}
+
+/// Commands queued for one session before it pushes back (the re-send sweep catches the rest).
+const COMMAND_QUEUE: usize = 1024;
+/// How often unacknowledged commands are looked for.
+const RESEND_SWEEP: Duration = Duration::from_secs(2);
 
 /// The live sessions, one per cluster.
 #[derive(Clone)]
 pub struct Sessions {
     ingest: Ingest,
+    commands: CommandStore,
     timing: SessionTiming,
     live: Arc<Mutex<HashMap<ClusterName, LiveSession>>>,
     next_id: Arc<AtomicU64>,
@@ -53,9 +66,10 @@ pub struct Sessions {
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 impl Sessions {
-    pub fn new(ingest: Ingest, timing: SessionTiming) -> Self {
+    pub fn new(ingest: Ingest, commands: CommandStore, timing: SessionTiming) -> Self {
         Self {
             ingest,
+            commands,
             timing,
             live: Arc::default(),
             next_id: Arc::default(),
@@ -75,7 +89,7 @@ impl Sessions {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let ended = live
             .remove(cluster)
-            .map(|(_, tx)| tx.send(reason.to_owned()));
+            .map(|session| session.end.send(reason.to_owned()));
         metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
         ended.is_some()
     }
@@ -97,20 +111,53 @@ impl Sessions {
             .on_upgrade(move |socket| async move { sessions.run(socket, cluster).await })
     }
 
-    fn register(&self, cluster: &ClusterName) -> (u64, oneshot::Receiver<String>) {
+    /// Hands a stored command to its cluster's session on this hub, if there is one; false when
+    /// there is none or it is backed up (the command stays pending and goes out later).
+    pub fn deliver(&self, command: StoredCommand) -> bool {
+        let Ok(cluster) = ClusterName::new(command.cluster.clone()) else {
+            return false;
+        };
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(&cluster)
+            .is_some_and(|session| session.commands.try_send(command).is_ok())
+    }
+
+    /// Re-sends every unacknowledged command whose backoff has passed to its live session.
+    async fn resend_unacknowledged(&self) -> Result<(), crate::store::StoreError> {
+        let now = chrono::Utc::now();
+        for command in self.commands.unacknowledged().await? {
+            if command.resend_due().is_some_and(|due| due <= now) {
+                tracing::debug!(cluster = %command.cluster, key = %command.key, sends = command.send_count, "re-sending an unacknowledged command");
+                self.deliver(command);
+            }
+        }
+        Ok(())
+    }
+
+    fn register(
+        &self,
+        cluster: &ClusterName,
+    ) -> (
+        u64,
+        oneshot::Receiver<String>,
+        mpsc::Receiver<StoredCommand>,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (end, ended) = oneshot::channel();
+        let (commands, queued) = mpsc::channel(COMMAND_QUEUE);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, old)) = live.insert(cluster.clone(), (id, tx)) {
-            let _ = old.send("replaced by a newer session of the same cluster".into());
+        if let Some(old) = live.insert(cluster.clone(), LiveSession { id, end, commands }) {
+            let _ = old
+                .end
+                .send("replaced by a newer session of the same cluster".into());
         }
         metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
-        (id, rx)
+        (id, ended, queued)
     }
 
     fn unregister(&self, cluster: &ClusterName, id: u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.get(cluster).is_some_and(|(current, _)| *current == id) {
+        if live.get(cluster).is_some_and(|session| session.id == id) {
             live.remove(cluster);
         }
         metrics::gauge!("drover_agent_sessions").set(live.len() as f64);
@@ -176,8 +223,22 @@ impl Sessions {
         {
             return;
         }
-        let (id, mut replaced) = self.register(&cluster);
+        let (id, mut replaced, mut queued) = self.register(&cluster);
         tracing::info!(%cluster, agent_version = %hello.1, "agent session open");
+        // Everything still unacknowledged goes out first, oldest first.
+        match self.commands.pending_for(cluster.as_str()).await {
+            Ok(pending) => {
+                for command in pending {
+                    if !self.send_command(&mut socket, command).await {
+                        self.unregister(&cluster, id);
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%cluster, error = %e, "loading pending commands failed; the re-send sweep retries")
+            }
+        }
         // The health this session last recorded: a heartbeat that repeats it is not news.
         let mut recorded_health = None;
         loop {
@@ -186,6 +247,11 @@ impl Sessions {
                     let reason = reason.unwrap_or_else(|_| "hub shutting down".into());
                     let _ = send(&mut socket, &HubMessage::Goodbye { reason }).await;
                     break;
+                }
+                Some(command) = queued.recv() => {
+                    if !self.send_command(&mut socket, command).await {
+                        break;
+                    }
                 }
                 msg = tokio::time::timeout(self.timing.silence_limit, recv(&mut socket)) => {
                     let msg = match msg {
@@ -205,6 +271,22 @@ impl Sessions {
         }
         self.unregister(&cluster, id);
         tracing::info!(%cluster, "agent session closed");
+    }
+
+    /// Sends one command and records that it went out; false when the socket is gone.
+    async fn send_command(&self, socket: &mut WebSocket, command: StoredCommand) -> bool {
+        let id = command.id;
+        let message = HubMessage::Command {
+            key: command.key,
+            command: command.command,
+        };
+        if send(socket, &message).await.is_err() {
+            return false;
+        }
+        if let Err(e) = self.commands.mark_sent(id).await {
+            tracing::warn!(error = %e, "recording a command send failed");
+        }
+        true
     }
 
     /// Handles one message; false ends the session.
@@ -278,6 +360,26 @@ impl Sessions {
                 }
                 return true;
             }
+            AgentMessage::CommandAck { key, outcome } => {
+                match self
+                    .commands
+                    .acknowledge(cluster.as_str(), &key, &outcome)
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::info!(%cluster, %key, succeeded = outcome.succeeded(), message = %outcome.message(), "command acknowledged")
+                    }
+                    Ok(false) => {
+                        tracing::debug!(%cluster, %key, "acknowledgement of a command not pending (a repeat)")
+                    }
+                    // Not recorded: the command stays pending, is re-sent, and the agent answers
+                    // again from its journal.
+                    Err(e) => {
+                        tracing::warn!(%cluster, %key, error = %e, "recording an acknowledgement failed")
+                    }
+                }
+                return true;
+            }
         };
         let reply = match result {
             Ok(generation) => HubMessage::Applied { generation },
@@ -299,14 +401,22 @@ impl Sessions {
         send(socket, &reply).await.is_ok()
     }
 
-    /// Runs the unreachable sweep every heartbeat interval until `shutdown` resolves.
+    /// Runs the unreachable sweep every heartbeat interval, and the command re-send sweep,
+    /// until `shutdown` resolves.
     pub async fn sweep(&self, shutdown: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(self.timing.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resend = tokio::time::interval(RESEND_SWEEP);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
+                _ = resend.tick() => {
+                    if let Err(e) = self.resend_unacknowledged().await {
+                        tracing::warn!(error = %e, "command re-send sweep failed; retrying");
+                    }
+                }
                 _ = tick.tick() => {
                     if let Err(e) = self.ingest.mark_silent_clusters_unreachable(self.timing.silence_limit).await {
                         tracing::warn!(error = %e, "unreachable sweep failed; retrying next interval");

@@ -1,9 +1,12 @@
 //! The hub <-> agent session protocol: JSON messages over one WebSocket per agent, on the hub's
 //! mutual-TLS agent endpoint. The agent speaks first (hello), the hub answers with the version
 //! both will use; then the agent sends a full snapshot, deltas as things change, and heartbeats.
+//! The hub sends commands, each with an idempotency key; the agent acknowledges each with its
+//! outcome (see `commands`).
 
 use serde::{Deserialize, Serialize};
 
+use crate::commands::{AgentCommand, CommandOutcome};
 use crate::ids::ClusterName;
 use crate::inventory::{InventoryDelta, InventorySnapshot};
 
@@ -46,6 +49,12 @@ pub enum AgentMessage {
         #[serde(default)]
         reason: Option<String>,
     },
+    /// A command finished (or was already finished: a repeat gets the recorded outcome).
+    #[serde(rename_all = "camelCase")]
+    CommandAck {
+        key: String,
+        outcome: CommandOutcome,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +77,8 @@ pub enum HubMessage {
     },
     /// The hub ends the session (another session replaced it, the identity was revoked, ...).
     Goodbye { reason: String },
+    /// Do this, at most once per key; re-sent until acknowledged.
+    Command { key: String, command: AgentCommand },
 }
 
 #[cfg(test)]

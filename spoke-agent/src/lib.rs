@@ -1,7 +1,8 @@
 //! drover-agent: the spoke agent that runs on every cluster. It joins the hub once (identity),
-//! then — with the agent issue's remaining work — keeps a session over which it reports its
-//! cluster and executes the hub's commands.
+//! then keeps a session over which it reports its cluster (through a runtime) and executes the
+//! hub's commands at most once each.
 
+pub mod commands;
 pub mod identity;
 pub mod runtime;
 pub mod session;

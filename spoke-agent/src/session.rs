@@ -1,6 +1,8 @@
 //! The agent's session with the hub: dial (the hub never dials a cluster), say hello, send a full
 //! snapshot, then deltas as the cluster changes and a heartbeat every interval. On any failure
 //! it reconnects with exponential backoff and jitter and resynchronises with a fresh snapshot.
+//! Commands from the hub go to the executor (at most once per key); their acknowledgements go
+//! back on whichever session is open when they finish.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::commands::{Ack, Commands};
 use crate::identity::AgentIdentity;
 
 /// Where the session's inventory comes from: a runtime (QEMU, KubeVirt) implements this.
@@ -66,6 +69,7 @@ pub async fn run(
     data_dir: PathBuf,
     hub: String,
     source: Arc<dyn InventorySource>,
+    mut commands: Commands,
     status: watch::Sender<SessionStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -84,7 +88,7 @@ pub async fn run(
         }
         status.send_modify(|s| s.sessions_opened += 1);
         let outcome = tokio::select! {
-            r = session(&identity, &hub, source.as_ref(), &status, &mut generation) => r,
+            r = session(&identity, &hub, source.as_ref(), &mut commands, &status, &mut generation) => r,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         status.send_modify(|s| s.connected = false);
@@ -130,6 +134,7 @@ async fn session(
     identity: &AgentIdentity,
     hub: &str,
     source: &dyn InventorySource,
+    commands: &mut Commands,
     status: &watch::Sender<SessionStatus>,
     generation: &mut u64,
 ) -> Result<String, SessionError> {
@@ -208,7 +213,16 @@ async fn session(
                     return Err(SessionError::Broken("the runtime stopped reporting".into()));
                 }
             },
+            Some(ack) = commands.acks.recv() => {
+                // Lost if the connection breaks now: the hub re-sends, the journal answers.
+                ws.send(ack_message(ack)).await.map_err(broken)?;
+            }
             msg = next_message(&mut ws) => match msg? {
+                HubMessage::Command { key, command } => {
+                    if let Some(ack) = commands.executor.receive(key, command) {
+                        ws.send(ack_message(ack)).await.map_err(broken)?;
+                    }
+                }
                 HubMessage::Applied { generation: applied } => {
                     status.send_modify(|s| s.applied_generation = Some(applied));
                 }
@@ -225,6 +239,13 @@ async fn session(
             },
         }
     }
+}
+
+fn ack_message(ack: Ack) -> Message {
+    text(&AgentMessage::CommandAck {
+        key: ack.key,
+        outcome: ack.outcome,
+    })
 }
 
 async fn send_snapshot<S>(

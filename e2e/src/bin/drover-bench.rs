@@ -527,6 +527,7 @@ fn start_sessions(
             dir.clone(),
             hub.to_owned(),
             cluster.clone(),
+            cluster.commands(dir),
             status,
             stop.clone(),
         )));

@@ -213,3 +213,31 @@ pub mod agent_certificate {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod agent_command {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "agent_commands")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub cluster_name: String,
+        pub idempotency_key: String,
+        pub kind: String,
+        pub payload: Json,
+        /// Pending, Succeeded or Failed.
+        pub state: String,
+        pub result_message: Option<String>,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
+        pub sent_at: Option<DateTimeUtc>,
+        pub send_count: i32,
+        pub acked_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -9,7 +9,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Inventory)]
+        vec![Box::new(M0001Inventory), Box::new(M0002AgentCommands)]
     }
 }
 
@@ -391,5 +391,53 @@ impl MigrationTrait for M0001Inventory {
             m.drop_table(Table::drop().table(a(t)).to_owned()).await?;
         }
         Ok(())
+    }
+}
+
+/// Hub -> agent commands, durable until the agent acknowledges them.
+pub struct M0002AgentCommands;
+
+impl MigrationName for M0002AgentCommands {
+    fn name(&self) -> &str {
+        "m0002_agent_commands"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002AgentCommands {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("agent_commands"))
+                .col(big_pk_auto(m, "id"))
+                .col(string_len(a("cluster_name"), 63))
+                .col(string_len(a("idempotency_key"), 200))
+                .col(string_len(a("kind"), 32))
+                .col(json_binary(a("payload")))
+                .col(string_len(a("state"), 16))
+                .col(text_null(a("result_message")))
+                .col(string_len(a("created_by"), 253))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone_null(a("sent_at")))
+                .col(integer(a("send_count")).default(0))
+                .col(timestamp_with_time_zone_null(a("acked_at")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "agent_commands",
+            "key",
+            &["cluster_name", "idempotency_key"],
+            true,
+        ))
+        .await?;
+        m.create_index(index("agent_commands", "state", &["state", "id"], false))
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(a("agent_commands")).to_owned())
+            .await
     }
 }
