@@ -40,6 +40,9 @@ enum Bench {
         /// Length of the steady phase.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Commands per second (startVirtualMachine on random clusters) in the steady phase.
+        #[arg(long, default_value_t = 10)]
+        commands_per_sec: u32,
         /// The capacity phase adds sessions in steps up to this many.
         #[arg(long, default_value_t = 10_000)]
         max_sessions: u32,
@@ -81,6 +84,109 @@ fn fleet_page(clusters: u32) -> String {
   }}
 }}"
     )
+}
+
+/// What the command phase measured.
+struct RoundTrips {
+    sent: usize,
+    succeeded: usize,
+    /// Hub-recorded: command stored -> agent acknowledgement recorded.
+    stored_to_ack: Vec<Duration>,
+    /// Client-observed: mutation sent -> answer with the outcome.
+    mutation: Vec<Duration>,
+    /// Baseline in the same run: a trivial GraphQL query.
+    query: Vec<Duration>,
+}
+
+impl RoundTrips {
+    fn print(self) {
+        println!(
+            "  commands: {} sent, {} acknowledged as succeeded",
+            self.sent, self.succeeded
+        );
+        if self.stored_to_ack.is_empty() || self.mutation.is_empty() || self.query.is_empty() {
+            println!("  (no round trips measured)");
+            return;
+        }
+        let ack = percentiles(self.stored_to_ack);
+        let mutation = percentiles(self.mutation);
+        let query = percentiles(self.query);
+        println!(
+            "  command round trip (hub stores -> agent ack recorded): p50 {}, p99 {}",
+            ms(ack.p50),
+            ms(ack.p99)
+        );
+        println!(
+            "  lifecycle mutation answered with the outcome: p50 {}, p99 {}; trivial query (baseline): p50 {}, p99 {}; ratio p50 {:.2}x, p99 {:.2}x",
+            ms(mutation.p50),
+            ms(mutation.p99),
+            ms(query.p50),
+            ms(query.p99),
+            mutation.p50.as_secs_f64() / query.p50.as_secs_f64(),
+            mutation.p99.as_secs_f64() / query.p99.as_secs_f64()
+        );
+    }
+}
+
+/// Sends `per_sec` startVirtualMachine commands a second to random clusters for `seconds`,
+/// interleaved with a trivial query as the baseline, and collects the round trips.
+async fn command_round_trips(
+    http: reqwest::Client,
+    graphql: String,
+    clusters: Vec<String>,
+    per_sec: u32,
+    seconds: u64,
+) -> anyhow::Result<RoundTrips> {
+    let mut trips = RoundTrips {
+        sent: 0,
+        succeeded: 0,
+        stored_to_ack: Vec::new(),
+        mutation: Vec::new(),
+        query: Vec::new(),
+    };
+    if per_sec == 0 || clusters.is_empty() {
+        return Ok(trips);
+    }
+    let mutation = "mutation($c: String!) { startVirtualMachine(cluster: $c, namespace: \"web\", name: \"vm-000\", waitSeconds: 10) { state createdAt acknowledgedAt } }";
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec as f64));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tick.tick().await;
+        let cluster = &clusters[rand::random_range(0..clusters.len())];
+        let t = Instant::now();
+        let resp: Value = http
+            .post(&graphql)
+            .json(&json!({"query": mutation, "variables": {"c": cluster}}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        trips.mutation.push(t.elapsed());
+        trips.sent += 1;
+        let c = &resp["data"]["startVirtualMachine"];
+        if c["state"] == "SUCCEEDED" {
+            trips.succeeded += 1;
+            let at = |f: &str| {
+                c[f].as_str()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            };
+            if let (Some(created), Some(acked)) = (at("createdAt"), at("acknowledgedAt")) {
+                trips
+                    .stored_to_ack
+                    .push((acked - created).to_std().unwrap_or_default());
+            }
+        }
+        let t = Instant::now();
+        let _: Value = http
+            .post(&graphql)
+            .json(&json!({"query": "{ fleet { clusters { total } } }"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        trips.query.push(t.elapsed());
+    }
+    Ok(trips)
 }
 
 struct Latency {
@@ -557,6 +663,7 @@ async fn sessions(
     vms_per_cluster: u32,
     deltas_per_sec: u32,
     seconds: u64,
+    commands_per_sec: u32,
     max_sessions: u32,
     step: u32,
 ) -> anyhow::Result<()> {
@@ -591,6 +698,22 @@ async fn sessions(
 
     let cpu0 = cpu_seconds(pid)?;
     let t = Instant::now();
+    let clusters: Vec<String> = agents
+        .iter()
+        .map(|(dir, _)| {
+            dir.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let commands = tokio::spawn(command_round_trips(
+        http.clone(),
+        hub.url("/graphql"),
+        clusters,
+        commands_per_sec,
+        seconds,
+    ));
     let total = deltas_per_sec as u64 * seconds;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / deltas_per_sec as f64));
     for k in 0..total {
@@ -630,6 +753,8 @@ async fn sessions(
         "  VMs in the inventory: {applied} of {expected} expected (every delta applied: {})",
         applied >= expected
     );
+    let trips = commands.await??;
+    trips.print();
 
     println!("\ncapacity phase: sessions added in steps of {step} (empty clusters), up to {max_sessions}:");
     let mut held = sessions;
@@ -682,6 +807,7 @@ async fn main() -> anyhow::Result<()> {
             vms_per_cluster,
             deltas_per_sec,
             seconds,
+            commands_per_sec,
             max_sessions,
             step,
         } => {
@@ -690,6 +816,7 @@ async fn main() -> anyhow::Result<()> {
                 vms_per_cluster,
                 deltas_per_sec,
                 seconds,
+                commands_per_sec,
                 max_sessions,
                 step,
             )
