@@ -19,20 +19,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# QEMU for the test guest. Debian 12's qemu-system-x86 replaces a newer backported qemu-utils
-# when it comes in, so it goes first and the matching qemu-utils (qemu-img, qemu-nbd) after it.
-apt_install() {
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
-    || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; }
-}
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "==> installing qemu-system-x86"
-  apt_install qemu-system-x86
-fi
-if ! command -v qemu-img >/dev/null || ! command -v qemu-nbd >/dev/null; then
-  echo "==> installing qemu-utils"
-  apt_install qemu-utils
-fi
+# QEMU for the test guest and the agent's qemu runtime.
+bash scripts/install-qemu.sh
 command -v cargo >/dev/null || { echo "cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
 
 echo "==> test guest (scripts/build-guest.sh)"

@@ -28,7 +28,18 @@ impl HubProcess {
         database_url: Option<&str>,
         agent_port: u16,
     ) -> HubProcess {
+        Self::start_with_args(data_dir, database_url, agent_port, &[]).await
+    }
+
+    /// Starts a hub with extra command-line arguments (e.g. shorter heartbeat timing).
+    pub async fn start_with_args(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        agent_port: u16,
+        extra: &[&str],
+    ) -> HubProcess {
         let mut cmd = Command::new(binary("drover-hub").unwrap());
+        cmd.args(extra);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--agent-listen")
@@ -100,4 +111,110 @@ impl HubProcess {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+}
+
+/// A real `drover-agent` process (the default `run` command), killed when dropped. The QEMU
+/// processes it starts are not its children's children in its process group: they outlive it,
+/// as they must (see `QemuReaper` for cleaning them up in tests).
+pub struct AgentProcess {
+    pub child: Child,
+}
+
+impl AgentProcess {
+    /// Starts an agent on `data_dir` reporting to the hub's agent endpoint `hub`, with the
+    /// QEMU runtime under TCG; `join` is (cluster, token) for a first start.
+    pub async fn start(data_dir: &Path, hub: &str, join: Option<(&str, &str)>) -> AgentProcess {
+        let mut cmd = Command::new(binary("drover-agent").unwrap());
+        cmd.arg("--hub")
+            .arg(hub)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--runtime", "qemu", "--accel", "tcg"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for var in ["DROVER_HUB", "DROVER_CLUSTER", "DROVER_JOIN_TOKEN"] {
+            cmd.env_remove(var);
+        }
+        if let Some((cluster, token)) = join {
+            cmd.arg("--cluster")
+                .arg(cluster)
+                .arg("--join-token")
+                .arg(token);
+        }
+        AgentProcess {
+            child: cmd.spawn().expect("start drover-agent"),
+        }
+    }
+
+    /// kill -9, and reap it.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// Kills, when dropped, every QEMU process the VMs under the given agent data dirs left running
+/// (tests must not leak guests, whatever happens to them).
+#[derive(Default)]
+pub struct QemuReaper(pub Vec<std::path::PathBuf>);
+
+impl QemuReaper {
+    /// The pids of QEMU processes running for VMs under `data_dir` (checked against
+    /// /proc/<pid>/cmdline, so a reused pid is never mistaken for one).
+    pub fn running(data_dir: &Path) -> Vec<(std::path::PathBuf, u32)> {
+        let mut found = Vec::new();
+        let Ok(namespaces) = std::fs::read_dir(data_dir.join("vms")) else {
+            return found;
+        };
+        for ns in namespaces.flatten() {
+            let Ok(vms) = std::fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for vm in vms.flatten() {
+                let dir = vm.path();
+                let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+                    found.push((dir, pid));
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for data_dir in &self.0 {
+            for (_, pid) in Self::running(data_dir) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// What a test guest printed on its serial console (`serial.log` in its VM dir): the last
+/// counter value and how many times it booted.
+pub fn guest_console(vm_dir: &Path) -> (Option<u64>, usize) {
+    let log = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+    // Only whole lines: the guest may be halfway through writing the last one.
+    let complete = &log[..log.rfind('\n').unwrap_or(0)];
+    let last = complete.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("drover-counter ")?
+            .trim()
+            .parse()
+            .ok()
+    });
+    (last, log.matches("drover-guest: up").count())
 }

@@ -275,6 +275,20 @@ pub fn snapshot(
 
 /// Where cargo put this workspace's binaries: beside the running executable (a binary such as
 /// drover-bench) or one level up (a test executable in `deps/`).
+/// Builds the demo/test guest once (scripts/build-guest.sh skips work already done) and returns
+/// its directory, holding `vmlinuz` and `initramfs.gz`.
+pub fn test_guest() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = workspace.join("target/guest");
+    let status = std::process::Command::new("bash")
+        .arg(workspace.join("scripts/build-guest.sh"))
+        .arg(&out)
+        .status()
+        .expect("run scripts/build-guest.sh");
+    assert!(status.success(), "building the guest failed");
+    out
+}
+
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no parent directory")?;

@@ -2,32 +2,15 @@
 //! seconds, counts on its serial console without gaps, dirties memory when asked, and writes
 //! numbered records to its disk: the continuity checks migration tests rely on.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Builds the guest once (the script skips work already done) and returns its directory.
-fn guest() -> PathBuf {
-    let out = workspace().join("target/guest");
-    let status = std::process::Command::new("bash")
-        .arg(workspace().join("scripts/build-guest.sh"))
-        .arg(&out)
-        .status()
-        .expect("run scripts/build-guest.sh");
-    assert!(status.success(), "building the guest failed");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_guest_boots_counts_dirties_memory_and_writes_its_disk() {
-    let guest = guest();
+    let guest = drover_e2e::testbed::test_guest();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     let created = std::process::Command::new("qemu-img")

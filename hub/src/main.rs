@@ -92,6 +92,29 @@ struct ServeArgs {
         global = true
     )]
     agent_server_names: Vec<String>,
+    /// How often agents send heartbeats (the hub tells them at hello).
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), global = true)]
+    heartbeat_interval_secs: u64,
+    /// Silence after which an agent's session is closed and its cluster is Unreachable (it is
+    /// never evacuated for that alone). Must exceed the heartbeat interval.
+    #[arg(long, env = "DROVER_SILENCE_LIMIT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600), global = true)]
+    silence_limit_secs: u64,
+}
+
+impl ServeArgs {
+    fn session_timing(&self) -> anyhow::Result<drover_hub::sessions::SessionTiming> {
+        anyhow::ensure!(
+            self.silence_limit_secs > self.heartbeat_interval_secs,
+            "--silence-limit-secs ({}) must be longer than --heartbeat-interval-secs ({}), or every cluster would flap to Unreachable",
+            self.silence_limit_secs,
+            self.heartbeat_interval_secs
+        );
+        Ok(drover_hub::sessions::SessionTiming {
+            heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
+            silence_limit: Duration::from_secs(self.silence_limit_secs),
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -167,7 +190,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let args = cli.serve;
-            let hub = cli.db.open().await?;
+            let timing = args.session_timing()?;
+            let hub = cli.db.open().await?.with_session_timing(timing);
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {
