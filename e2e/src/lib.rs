@@ -2,6 +2,7 @@
 //! fixtures) and the end-to-end and benchmark suites that use it.
 
 pub mod agents;
+pub mod logs;
 pub mod postgres;
 pub mod process;
 pub mod testbed;

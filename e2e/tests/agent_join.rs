@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_e2e::logs::{self, expect_line};
 use drover_e2e::testbed::AgentEndpoint;
 use drover_hub::agent_endpoint::{IdentityResponse, JoinRequest, JoinResponse};
 use drover_hub::pki::Pki;
@@ -20,6 +21,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 async fn endpoint(name: &str) -> AgentEndpoint {
+    logs::capture();
     AgentEndpoint::start(name, None).await.unwrap()
 }
 
@@ -172,6 +174,7 @@ async fn tokens_for_another_cluster_expired_or_malformed_are_refused() {
     let (csr, _) = new_csr();
     let resp = join(&e, "west-1", &token, &csr).await;
     assert_eq!(resp.status(), 401, "a token for east-1 cannot join west-1");
+    expect_line(&["join refused", "cluster=west-1"]).await;
 
     let expired = e
         .hub
@@ -248,6 +251,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
         identity_status(&client, &e).await.is_err(),
         "unknown CA refused at the handshake"
     );
+    expect_line(&["TLS handshake refused", "not issued by this hub's CA"]).await;
 
     // Forged: self-signed, claiming east-1's identity.
     let forged_key = rcgen::KeyPair::generate().unwrap();
@@ -261,6 +265,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
         identity_status(&client, &e).await.is_err(),
         "forged certificate refused"
     );
+    expect_line(&["TLS handshake refused", "another CA, or forged"]).await;
 
     // Expired: signed by the hub's own CA, but past its validity.
     let (expired, expired_key) = issue(&e.hub.pki, "east-1", Duration::ZERO);
@@ -270,11 +275,13 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
         identity_status(&client, &e).await.is_err(),
         "expired certificate refused"
     );
+    expect_line(&["TLS handshake refused", "has expired"]).await;
 
     // Not issued through a join (unknown to the hub): refused after the handshake.
     let (stray, stray_key) = issue(&e.hub.pki, "east-1", Duration::from_secs(3600));
     let client = agent_client(&joined.ca, &stray.pem, &stray_key);
     assert_eq!(identity_status(&client, &e).await, Ok(403));
+    expect_line(&["agent refused", &stray.serial, "revoked or unknown"]).await;
 
     // Without a certificate: told to join first.
     let mut roots = rustls::RootCertStore::empty();
@@ -310,6 +317,7 @@ async fn revoked_unknown_ca_expired_and_forged_certificates_are_refused() {
         Ok(403),
         "revoked certificate refused"
     );
+    expect_line(&["agent refused", "cluster east-1 is revoked or unknown"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,6 +339,7 @@ async fn plain_tcp_gets_no_answer() {
         !text.contains("HTTP/1.1 200"),
         "plain TCP must not be served: {text}"
     );
+    expect_line(&["TLS handshake refused", "does not speak TLS"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

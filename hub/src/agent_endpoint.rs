@@ -86,7 +86,8 @@ impl TlsListener {
                             let _ = tx.send((tls, AgentPeer { addr, certificate })).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(peer = %addr, error = %e, "agent endpoint: TLS handshake refused");
+                            let reason = handshake_refusal_reason(&e);
+                            tracing::warn!(peer = %addr, error = %e, "agent endpoint: TLS handshake refused: {reason}");
                         }
                         Err(_) => {
                             tracing::warn!(peer = %addr, "agent endpoint: TLS handshake timed out");
@@ -285,6 +286,32 @@ pub enum AuthError {
     },
     #[error("the hub cannot check certificates now; retry")]
     Unavailable,
+}
+
+/// What a refused handshake means, in an operator's words.
+fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "the connection broke during the handshake";
+    };
+    match tls {
+        Error::InvalidMessage(_) => {
+            "the client does not speak TLS (plain TCP?); agents must use https://"
+        }
+        Error::NoCertificatesPresented => {
+            "no client certificate; agents join first (drover-agent join) and then present it"
+        }
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "the client certificate has expired; the agent must join again with a new token",
+        Error::InvalidCertificate(
+            CertificateError::BadSignature
+            | CertificateError::UnknownIssuer
+            | CertificateError::BadEncoding,
+        ) => "the client certificate was not issued by this hub's CA (another CA, or forged)",
+        Error::InvalidCertificate(_) => "the client certificate is not acceptable",
+        _ => "TLS negotiation failed",
+    }
 }
 
 /// The cluster this connection speaks for: from the verified certificate, if the hub issued it
