@@ -52,10 +52,10 @@ pub enum JournalError {
 }
 
 /// Append-only record of which keys started and how they finished; every append is synced to
-/// disk before the command runs (start) or is acknowledged (finish).
+/// disk before the command runs (start) or is acknowledged (finish). The file is opened per
+/// append: commands are rare, and an idle agent holds no descriptor for it.
 struct Journal {
     path: PathBuf,
-    file: File,
     finished: HashMap<String, CommandOutcome>,
     /// Finished keys in the order they finished, for compaction.
     order: Vec<String>,
@@ -130,10 +130,8 @@ impl Journal {
             file.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &path).map_err(io)?;
-        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
         Ok(Self {
             path,
-            file,
             finished,
             order,
         })
@@ -146,8 +144,13 @@ impl Journal {
         };
         let mut line = serde_json::to_vec(entry).map_err(|e| io(e.into()))?;
         line.push(b'\n');
-        self.file.write_all(&line).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(io)?;
+        file.write_all(&line).map_err(io)?;
+        file.sync_data().map_err(io)
     }
 }
 
