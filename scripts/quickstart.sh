@@ -38,6 +38,7 @@ cleanup() {
   done
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 "$hub" serve "$@" &
 pids+=($!)
 graphql=http://127.0.0.1:8080/graphql
