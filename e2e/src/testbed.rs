@@ -388,6 +388,7 @@ impl TestCluster {
                 vms.remove(i);
                 InventoryChange::VmRemoved { namespace, name }
             }
+            other => return Err(format!("the test cluster cannot run {}", other.kind())),
         };
         let _ = self.changes.send(vec![change]);
         Ok("done".into())

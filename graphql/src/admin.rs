@@ -52,6 +52,16 @@ pub struct CommandRecord {
     pub acked_at: Option<DateTime<Utc>>,
 }
 
+/// A single VM migration an operator asks for.
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    pub cluster: ClusterName,
+    pub namespace: String,
+    pub name: String,
+    pub target_cluster: ClusterName,
+    pub target_namespace: String,
+}
+
 /// Why an administrative change was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
@@ -60,6 +70,8 @@ pub enum AdminError {
     Conflict(String),
     /// The request itself is wrong; the message says what and how to fix it.
     Invalid(String),
+    /// A migration's preflight checks failed; the message lists the reasons.
+    Preflight(String),
     Read(ReadError),
 }
 
@@ -104,4 +116,14 @@ pub trait FleetAdmin: Send + Sync + 'static {
         cluster: &ClusterName,
         key: &str,
     ) -> Result<Option<CommandRecord>, ReadError>;
+
+    /// Preflight checks, then a Migration (returned id) driven to its end by the hub.
+    async fn migrate_virtual_machine(
+        &self,
+        request: MigrateRequest,
+        actor: &str,
+    ) -> Result<uuid::Uuid, AdminError>;
+
+    /// Cancels a migration before switchover; the source keeps running.
+    async fn cancel_migration(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError>;
 }

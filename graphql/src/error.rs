@@ -30,6 +30,8 @@ pub enum ErrorCode {
     ValidationFailed,
     /// The change is not safe in the fleet's current state; the message says why.
     Conflict,
+    /// A migration's preflight checks failed; the message lists every reason.
+    PreflightFailed,
     /// A bug or an unexpected failure on the hub; the hub's log has details.
     Internal,
 }
@@ -48,6 +50,7 @@ impl ErrorCode {
             Self::ParseFailed => "GRAPHQL_PARSE_FAILED",
             Self::ValidationFailed => "GRAPHQL_VALIDATION_FAILED",
             Self::Conflict => "CONFLICT",
+            Self::PreflightFailed => "PREFLIGHT_FAILED",
             Self::Internal => "INTERNAL",
         }
     }
@@ -107,6 +110,7 @@ impl From<crate::admin::AdminError> for ApiError {
             crate::admin::AdminError::NotFound(m) => Self::not_found(m),
             crate::admin::AdminError::Conflict(m) => Self::new(ErrorCode::Conflict, m),
             crate::admin::AdminError::Invalid(m) => Self::bad_input(m),
+            crate::admin::AdminError::Preflight(m) => Self::new(ErrorCode::PreflightFailed, m),
             crate::admin::AdminError::Read(e) => e.into(),
         }
     }

@@ -7,12 +7,14 @@ pub mod batch;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod migrate;
 pub mod model;
 pub mod reader;
 pub mod schema;
 
 pub use admin::{
-    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, RemovedCluster,
+    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, MigrateRequest,
+    RemovedCluster,
 };
 pub use error::{classify_response_errors, ApiError, ErrorCode};
 pub use events::{InventoryEvent, InventoryEventKind};

@@ -976,7 +976,7 @@ impl VirtualMachine {
 // ---------------------------------------------------------------------------------------------
 // Migration
 
-pub struct Migration(MigrationRecord, Arc<ClusterRefs>);
+pub struct Migration(pub MigrationRecord, pub Arc<ClusterRefs>);
 
 #[derive(SimpleObject)]
 pub struct MigrationProgress {
@@ -1113,7 +1113,11 @@ impl Migration {
 
 /// Mutations: fleet administration here, VM lifecycle in `lifecycle`.
 #[derive(async_graphql::MergedObject, Default)]
-pub struct Mutation(AdminMutation, crate::lifecycle::LifecycleMutation);
+pub struct Mutation(
+    AdminMutation,
+    crate::lifecycle::LifecycleMutation,
+    crate::migrate::MigrationMutation,
+);
 
 #[derive(Default)]
 pub struct AdminMutation;

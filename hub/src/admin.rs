@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use drover_graphql::{
-    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, ReadError,
-    RemovedCluster,
+    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, MigrateRequest,
+    ReadError, RemovedCluster,
 };
 use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::MigrationPhase;
@@ -27,6 +27,17 @@ pub struct HubAdmin {
     pub identities: Identities,
     pub sessions: Sessions,
     pub commands: CommandStore,
+    pub migrations: crate::migrations::Migrations,
+}
+
+fn migrate_err(e: crate::migrations::MigrateError) -> AdminError {
+    use crate::migrations::MigrateError;
+    match e {
+        e @ MigrateError::Preflight(_) => AdminError::Preflight(e.to_string()),
+        MigrateError::NotFound(m) => AdminError::NotFound(m),
+        MigrateError::Conflict(m) => AdminError::Conflict(m),
+        MigrateError::Store(e) => AdminError::Read(store_err(e)),
+    }
 }
 
 fn record(c: StoredCommand) -> CommandRecord {
@@ -202,6 +213,53 @@ impl FleetAdmin for HubAdmin {
             .await
             .map_err(store_err)?
             .map(record))
+    }
+
+    async fn migrate_virtual_machine(
+        &self,
+        request: MigrateRequest,
+        actor: &str,
+    ) -> Result<uuid::Uuid, AdminError> {
+        let target = format!(
+            "{}/{}/{} -> {}",
+            request.cluster, request.namespace, request.name, request.target_cluster
+        );
+        let result = self
+            .migrations
+            .start(
+                crate::migrations::MigrateRequest {
+                    cluster: request.cluster,
+                    namespace: request.namespace,
+                    name: request.name,
+                    target_cluster: request.target_cluster,
+                    target_namespace: request.target_namespace,
+                },
+                actor,
+            )
+            .await
+            .map_err(migrate_err);
+        let details = match &result {
+            Ok(id) => json!({"migration": id}),
+            Err(e) => json!({"error": format!("{e:?}")}),
+        };
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.audit(actor, "migrateVirtualMachine", &target, outcome, details)
+            .await;
+        result
+    }
+
+    async fn cancel_migration(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError> {
+        let result = self.migrations.cancel(id, actor).await.map_err(migrate_err);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.audit(
+            actor,
+            "cancelMigration",
+            &id.to_string(),
+            outcome,
+            json!({}),
+        )
+        .await;
+        result
     }
 }
 

@@ -131,6 +131,10 @@ impl CommandStore {
         Self { store, acked }
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Stores `command` for `cluster` under `key`. Submitting the same command under the same
     /// key again returns the stored one (and `false`); a different command under a used key is
     /// refused.

@@ -26,6 +26,7 @@ pub struct Hub {
     pub identities: Identities,
     pub sessions: Sessions,
     pub commands: CommandStore,
+    pub migrations: crate::migrations::Migrations,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
 }
@@ -67,11 +68,14 @@ impl Hub {
         let ingest = Ingest::new(store.clone(), events.clone());
         let commands = CommandStore::new(store.clone());
         let sessions = Sessions::new(ingest.clone(), commands.clone(), SessionTiming::default());
+        let migrations =
+            crate::migrations::Migrations::new(store.clone(), commands.clone(), sessions.clone());
         let admin = Arc::new(HubAdmin {
             store: store.clone(),
             identities: identities.clone(),
             sessions: sessions.clone(),
             commands: commands.clone(),
+            migrations: migrations.clone(),
         });
         let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
         Self {
@@ -80,6 +84,7 @@ impl Hub {
             identities,
             sessions,
             commands,
+            migrations,
             schema,
             events,
         }

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod hub;
 pub mod identity;
 pub mod ingest;
+pub mod migrations;
 pub mod pki;
 pub mod read;
 pub mod seed;

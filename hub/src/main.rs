@@ -192,6 +192,13 @@ async fn main() -> anyhow::Result<()> {
             let args = cli.serve;
             let timing = args.session_timing()?;
             let hub = cli.db.open().await?.with_session_timing(timing);
+            match hub.migrations.resume().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(n, "resumed in-flight migrations"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot resume in-flight migrations now; they resume at the next start")
+                }
+            }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {

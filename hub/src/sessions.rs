@@ -360,6 +360,18 @@ impl Sessions {
                 }
                 return true;
             }
+            AgentMessage::MigrationStatus(status) => {
+                if &status.cluster != cluster {
+                    tracing::warn!(%cluster, claimed = %status.cluster, "migration status for another cluster ignored");
+                    return true;
+                }
+                if let Err(e) =
+                    crate::migrations::record_status(self.commands.store(), cluster, &status).await
+                {
+                    tracing::warn!(%cluster, migration = %status.migration_id, error = %e, "recording migration progress failed");
+                }
+                return true;
+            }
             AgentMessage::CommandAck { key, outcome } => {
                 match self
                     .commands

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{ClusterName, MigrationId};
 use crate::inventory::{Disk, Interface, RunStrategy, VmInfo, VmPhase};
+use crate::migration::MigrationOptions;
 
 /// The longest idempotency key the hub accepts.
 pub const MAX_KEY_LEN: usize = 200;
@@ -159,6 +161,33 @@ pub enum AgentCommand {
     /// Stop a VM and remove it with its disks.
     #[serde(rename_all = "camelCase")]
     DeleteVm { namespace: String, name: String },
+    /// Target side of a migration: the sync endpoint starts expecting `source_cluster` for this
+    /// id and the VM's name is reserved. The sender describes the VM's hardware over the sync
+    /// channel; the receiving VM (blank volumes of the same sizes, QEMU waiting for the
+    /// migration stream) is created then. Succeeds when the target is ready (TargetReady).
+    #[serde(rename_all = "camelCase")]
+    PrepareReceiver {
+        migration_id: MigrationId,
+        source_cluster: ClusterName,
+        namespace: String,
+        name: String,
+    },
+    /// Source side: connect to the target's sync endpoint, move disk then memory through the
+    /// agents' TLS tunnel, switch over. Succeeds when the VM runs on the target.
+    #[serde(rename_all = "camelCase")]
+    SendVm {
+        migration_id: MigrationId,
+        namespace: String,
+        name: String,
+        target_cluster: ClusterName,
+        target_namespace: String,
+        connect_url: String,
+        options: MigrationOptions,
+    },
+    /// Stop a migration before switchover on whichever side this agent is; the source keeps
+    /// running and the target side is removed.
+    #[serde(rename_all = "camelCase")]
+    CancelMigration { migration_id: MigrationId },
 }
 
 impl AgentCommand {
@@ -169,6 +198,9 @@ impl AgentCommand {
             Self::StartVm { .. } => "startVm",
             Self::StopVm { .. } => "stopVm",
             Self::DeleteVm { .. } => "deleteVm",
+            Self::PrepareReceiver { .. } => "prepareReceiver",
+            Self::SendVm { .. } => "sendVm",
+            Self::CancelMigration { .. } => "cancelMigration",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod ids;
 pub mod inventory;
 pub mod labels;
+pub mod migration;
 pub mod protocol;
 pub mod telemetry;
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::commands::{AgentCommand, CommandOutcome};
 use crate::ids::ClusterName;
 use crate::inventory::{InventoryDelta, InventorySnapshot};
+use crate::migration::MigrationStatus;
 
 /// Protocol versions this build speaks, newest last.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
@@ -55,6 +56,8 @@ pub enum AgentMessage {
         key: String,
         outcome: CommandOutcome,
     },
+    /// Where a migration this agent takes part in is (phase changes, progress every second).
+    MigrationStatus(MigrationStatus),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_shared::commands::{AgentCommand, CommandOutcome};
+use drover_shared::protocol::AgentMessage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -163,10 +164,20 @@ pub struct Ack {
 
 type Job = (String, AgentCommand);
 
-/// The executor and the stream of acknowledgements it produces.
+/// The executor and the stream of messages for the hub it produces: acknowledgements, and
+/// whatever running commands report (migration status).
 pub struct Commands {
     pub executor: Arc<CommandExecutor>,
-    pub acks: mpsc::UnboundedReceiver<Ack>,
+    pub acks: mpsc::UnboundedReceiver<AgentMessage>,
+}
+
+impl Ack {
+    pub fn message(self) -> AgentMessage {
+        AgentMessage::CommandAck {
+            key: self.key,
+            outcome: self.outcome,
+        }
+    }
 }
 
 /// Runs the hub's commands at most once per key.
@@ -176,7 +187,7 @@ pub struct CommandExecutor {
     running: Mutex<HashSet<String>>,
     /// One FIFO queue per VM (or other target), each drained by its own worker.
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
-    acks: mpsc::UnboundedSender<Ack>,
+    acks: mpsc::UnboundedSender<AgentMessage>,
 }
 
 impl CommandExecutor {
@@ -297,7 +308,13 @@ impl CommandExecutor {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
         }
-        let _ = self.acks.send(Ack { key, outcome });
+        let _ = self.acks.send(Ack { key, outcome }.message());
+    }
+
+    /// Where running commands put messages for the hub (sent on whichever session is open;
+    /// dropped when there is none — progress is best effort, outcomes are journaled).
+    pub fn outbox(&self) -> mpsc::UnboundedSender<AgentMessage> {
+        self.acks.clone()
     }
 
     /// Keys currently running.
@@ -314,7 +331,15 @@ fn target_of(command: &AgentCommand) -> String {
         | AgentCommand::StopVm {
             namespace, name, ..
         }
-        | AgentCommand::DeleteVm { namespace, name } => format!("vm/{namespace}/{name}"),
+        | AgentCommand::DeleteVm { namespace, name }
+        | AgentCommand::PrepareReceiver {
+            namespace, name, ..
+        }
+        | AgentCommand::SendVm {
+            namespace, name, ..
+        } => format!("vm/{namespace}/{name}"),
+        // A cancel must not wait behind the send it cancels.
+        AgentCommand::CancelMigration { migration_id } => format!("cancel/{migration_id}"),
     }
 }
 
@@ -351,11 +376,15 @@ mod tests {
         }
     }
 
-    async fn next(rx: &mut mpsc::UnboundedReceiver<Ack>) -> Ack {
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+    async fn next(rx: &mut mpsc::UnboundedReceiver<AgentMessage>) -> Ack {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("an acknowledgement within 10 s")
-            .expect("executor alive")
+            .expect("executor alive");
+        match msg {
+            AgentMessage::CommandAck { key, outcome } => Ack { key, outcome },
+            other => panic!("not an acknowledgement: {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -73,7 +73,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -256,6 +256,30 @@ impl AgentIdentity {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| IdentityError::Corrupt(e.to_string()))
+    }
+
+    /// The hub's CA as a root store, this agent's certificate chain and its key: what the
+    /// agent-to-agent sync channel authenticates with.
+    pub fn tls_material(
+        &self,
+    ) -> Result<
+        (
+            rustls::RootCertStore,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        ),
+        IdentityError,
+    > {
+        let corrupt = |e: &dyn std::fmt::Display| IdentityError::Corrupt(e.to_string());
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).map_err(|e| corrupt(&e))?;
+        roots.add(ca).map_err(|e| corrupt(&e))?;
+        let chain =
+            vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+                .map_err(|e| corrupt(&e))?];
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| corrupt(&e))?;
+        Ok((roots, chain, key))
     }
 
     /// Asks the hub which cluster this identity speaks for (mutual TLS).

@@ -4,7 +4,9 @@
 
 pub mod commands;
 pub mod identity;
+pub mod migrate;
 pub mod runtime;
 pub mod session;
+pub mod sync;
 
 pub use drover_shared::inventory;

@@ -18,7 +18,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::commands::{Ack, Commands};
+use crate::commands::Commands;
 use crate::identity::AgentIdentity;
 
 /// Where the session's inventory comes from: a runtime (QEMU, KubeVirt) implements this.
@@ -213,14 +213,14 @@ async fn session(
                     return Err(SessionError::Broken("the runtime stopped reporting".into()));
                 }
             },
-            Some(ack) = commands.acks.recv() => {
+            Some(message) = commands.acks.recv() => {
                 // Lost if the connection breaks now: the hub re-sends, the journal answers.
-                ws.send(ack_message(ack)).await.map_err(broken)?;
+                ws.send(text(&message)).await.map_err(broken)?;
             }
             msg = next_message(&mut ws) => match msg? {
                 HubMessage::Command { key, command } => {
                     if let Some(ack) = commands.executor.receive(key, command) {
-                        ws.send(ack_message(ack)).await.map_err(broken)?;
+                        ws.send(text(&ack.message())).await.map_err(broken)?;
                     }
                 }
                 HubMessage::Applied { generation: applied } => {
@@ -239,13 +239,6 @@ async fn session(
             },
         }
     }
-}
-
-fn ack_message(ack: Ack) -> Message {
-    text(&AgentMessage::CommandAck {
-        key: ack.key,
-        outcome: ack.outcome,
-    })
 }
 
 async fn send_snapshot<S>(

@@ -1,0 +1,663 @@
+//! Single-VM cross-cluster migrations on the hub: preflight, the Migration row (its id is the
+//! migrationID both agents share), and the driver that walks it through its phases by durable
+//! commands — prepare-receiver to the target, then send to the source — recording phase
+//! timestamps, progress reported by the agents, and the outcome. The driver keeps no state of its
+//! own: after a hub restart `resume` picks every in-flight migration up from its row.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use drover_shared::commands::AgentCommand;
+use drover_shared::inventory::{ClusterHealth, MigrationConfig, MigrationPhase, VmPhase};
+use drover_shared::migration::{MigrationOptions, MigrationStatus};
+use drover_shared::{ClusterName, MigrationId};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::commands::{CommandState, CommandStore, StoredCommand};
+use crate::sessions::Sessions;
+use crate::store::entities::{cluster, migration, node, vm};
+use crate::store::{Store, StoreError};
+
+/// How long the target may take to get ready.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Added to the completion timeout for switchover and cleanup.
+const SEND_MARGIN: Duration = Duration::from_secs(120);
+
+/// What an operator asks for.
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    pub cluster: ClusterName,
+    pub namespace: String,
+    pub name: String,
+    pub target_cluster: ClusterName,
+    pub target_namespace: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Preflight said no; each reason names what is wrong.
+    #[error("the migration cannot start: {}", .0.join("; "))]
+    Preflight(Vec<String>),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sea_orm::DbErr> for MigrateError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+#[derive(Clone)]
+pub struct Migrations {
+    store: Store,
+    commands: CommandStore,
+    sessions: Sessions,
+}
+
+fn major_minor(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+impl Migrations {
+    pub fn new(store: Store, commands: CommandStore, sessions: Sessions) -> Self {
+        Self {
+            store,
+            commands,
+            sessions,
+        }
+    }
+
+    /// Checks what applies to one VM and, if all is well, creates the migration and starts
+    /// driving it. Returns its id.
+    pub async fn start(&self, req: MigrateRequest, actor: &str) -> Result<Uuid, MigrateError> {
+        let db = &self.store.db;
+        let find_cluster = |name: &ClusterName| {
+            cluster::Entity::find()
+                .filter(cluster::Column::Name.eq(name.as_str()))
+                .one(db)
+        };
+        let source = find_cluster(&req.cluster).await?.ok_or_else(|| {
+            MigrateError::NotFound(format!("cluster \"{}\" is not in the fleet", req.cluster))
+        })?;
+        let target = find_cluster(&req.target_cluster).await?.ok_or_else(|| {
+            MigrateError::NotFound(format!(
+                "target cluster \"{}\" is not in the fleet",
+                req.target_cluster
+            ))
+        })?;
+        let vm = vm::Entity::find()
+            .filter(vm::Column::ClusterId.eq(source.id))
+            .filter(vm::Column::Namespace.eq(&req.namespace))
+            .filter(vm::Column::Name.eq(&req.name))
+            .one(db)
+            .await?
+            .ok_or_else(|| {
+                MigrateError::NotFound(format!(
+                    "virtual machine {}/{} is not on cluster {}",
+                    req.namespace, req.name, req.cluster
+                ))
+            })?;
+        let in_flight = migration::Entity::find()
+            .filter(migration::Column::VmUid.eq(&vm.uid))
+            .filter(
+                migration::Column::Phase
+                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            )
+            .count(db)
+            .await?;
+        if in_flight > 0 {
+            return Err(MigrateError::Conflict(format!(
+                "virtual machine {}/{} is already migrating; wait for it or cancel it",
+                req.namespace, req.name
+            )));
+        }
+
+        let mut problems = Vec::new();
+        if source.id == target.id {
+            problems.push("source and target are the same cluster".to_owned());
+        }
+        if target.health != ClusterHealth::Ready.as_str() {
+            problems.push(format!(
+                "target cluster {} is {}, not Ready",
+                target.name, target.health
+            ));
+        }
+        if source.health != ClusterHealth::Ready.as_str() {
+            problems.push(format!(
+                "source cluster {} is {}, not Ready",
+                source.name, source.health
+            ));
+        }
+        if target.maintenance {
+            problems.push(format!(
+                "target cluster {} is in maintenance (cordoned)",
+                target.name
+            ));
+        }
+        if source.runtime != target.runtime {
+            problems.push(format!(
+                "source runs {} and target {}: both sides must use the same runtime",
+                source.runtime, target.runtime
+            ));
+        }
+        if major_minor(&source.virtualization_version)
+            != major_minor(&target.virtualization_version)
+        {
+            problems.push(format!(
+                "virtualization versions differ: source {} vs target {} (minor versions must match)",
+                source.virtualization_version, target.virtualization_version
+            ));
+        }
+        let target_models: Vec<String> =
+            serde_json::from_value(target.cpu_models.clone()).unwrap_or_default();
+        let source_models: Vec<String> =
+            serde_json::from_value(source.cpu_models.clone()).unwrap_or_default();
+        if let Some(model) = source_models.first() {
+            if !target_models.contains(model) {
+                problems.push(format!(
+                    "CPU model {model} is not offered by {} (it offers {target_models:?})",
+                    target.name
+                ));
+            }
+        }
+        let gates: Vec<String> =
+            serde_json::from_value(target.feature_gates.clone()).unwrap_or_default();
+        if !gates.iter().any(|g| g == "decentralizedLiveMigration") {
+            problems.push(format!(
+                "target cluster {} does not enable decentralizedLiveMigration",
+                target.name
+            ));
+        }
+        if target.sync_endpoint.as_deref().unwrap_or("").is_empty() {
+            problems.push(format!(
+                "target cluster {} reports no sync endpoint for migrations",
+                target.name
+            ));
+        }
+        if !vm.migratable {
+            let reasons: Vec<String> =
+                serde_json::from_value(vm.non_migratable_reasons.clone()).unwrap_or_default();
+            problems.push(format!("the VM is not migratable: {}", reasons.join(", ")));
+        }
+        if vm.phase != VmPhase::Running.as_str() {
+            problems.push(format!("the VM is {}, not Running", vm.phase));
+        }
+        let taken = vm::Entity::find()
+            .filter(vm::Column::ClusterId.eq(target.id))
+            .filter(vm::Column::Namespace.eq(&req.target_namespace))
+            .filter(vm::Column::Name.eq(&req.name))
+            .count(db)
+            .await?;
+        if taken > 0 {
+            problems.push(format!(
+                "a virtual machine {}/{} already exists on {}",
+                req.target_namespace, req.name, target.name
+            ));
+        }
+        // Capacity: free memory on the target's schedulable nodes.
+        let nodes = node::Entity::find()
+            .filter(node::Column::ClusterId.eq(target.id))
+            .filter(node::Column::Schedulable.eq(true))
+            .all(db)
+            .await?;
+        let fits = nodes
+            .iter()
+            .any(|n| n.allocatable_memory_bytes - n.requested_memory_bytes >= vm.memory_bytes);
+        if !fits {
+            problems.push(format!(
+                "no schedulable node of {} has {} bytes of memory free",
+                target.name, vm.memory_bytes
+            ));
+        }
+        // MAC addresses must not be in use on the target.
+        let macs: Vec<String> = vm
+            .interfaces
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["mac"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !macs.is_empty() {
+            let target_vms = vm::Entity::find()
+                .filter(vm::Column::ClusterId.eq(target.id))
+                .all(db)
+                .await?;
+            for other in &target_vms {
+                for iface in other.interfaces.as_array().into_iter().flatten() {
+                    if let Some(mac) = iface["mac"].as_str() {
+                        if macs.iter().any(|m| m == mac) {
+                            problems.push(format!(
+                                "MAC address {mac} is in use on {} by {}/{}",
+                                target.name, other.namespace, other.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(MigrateError::Preflight(problems));
+        }
+
+        let id = MigrationId::new();
+        let now = Utc::now();
+        let mut stamps = BTreeMap::new();
+        for phase in [
+            MigrationPhase::Pending,
+            MigrationPhase::Scheduling,
+            MigrationPhase::Scheduled,
+        ] {
+            stamps.insert(phase.as_str().to_owned(), now);
+        }
+        migration::ActiveModel {
+            id: Set(id.0),
+            vm_namespace: Set(vm.namespace.clone()),
+            vm_name: Set(vm.name.clone()),
+            vm_uid: Set(vm.uid.clone()),
+            source_cluster_id: Set(Some(source.id)),
+            target_cluster_id: Set(Some(target.id)),
+            source_cluster_name: Set(source.name.clone()),
+            target_cluster_name: Set(target.name.clone()),
+            target_namespace: Set(req.target_namespace.clone()),
+            storage_class_map: Set(json!({})),
+            network_map: Set(json!({})),
+            // A single migration is admitted at once; the scheduler (evacuations) comes later.
+            phase: Set(MigrationPhase::Scheduled.as_str().to_owned()),
+            phase_timestamps: Set(json!(stamps)),
+            bytes_total: Set(0),
+            bytes_transferred: Set(0),
+            bytes_remaining: Set(0),
+            dirty_rate_bytes_per_sec: Set(0),
+            throughput_bytes_per_sec: Set(0),
+            failure_reason: Set(None),
+            attempt: Set(1),
+            evacuation_id: Set(None),
+            trace_id: Set(None),
+            requested_by: Set(actor.to_owned()),
+            created_at: Set(now),
+            updated_at: Set(now),
+            finished_at: Set(None),
+        }
+        .insert(db)
+        .await?;
+        tracing::info!(migration = %id, vm = %format!("{}/{}", vm.namespace, vm.name), source = %source.name, target = %target.name, "migration created");
+        self.spawn(id.0);
+        Ok(id.0)
+    }
+
+    /// Picks every in-flight migration up again (after a hub restart).
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        let rows = migration::Entity::find()
+            .filter(
+                migration::Column::Phase
+                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            )
+            .all(&self.store.db)
+            .await?;
+        for row in &rows {
+            tracing::info!(migration = %row.id, phase = %row.phase, "resuming an in-flight migration");
+            self.spawn(row.id);
+        }
+        Ok(rows.len())
+    }
+
+    /// The driver task is owned by the migration: it ends when the migration does.
+    fn spawn(&self, id: Uuid) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.drive(id).await {
+                tracing::error!(migration = %id, error = %e, "migration driver stopped; it resumes when the hub restarts");
+            }
+        });
+    }
+
+    async fn row(&self, id: Uuid) -> Result<migration::Model, StoreError> {
+        migration::Entity::find_by_id(id)
+            .one(&self.store.db)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Database(sea_orm::DbErr::RecordNotFound(format!("migration {id}")))
+            })
+    }
+
+    /// Moves `id` to `phase` if it is still in flight; false when something else ended it.
+    async fn advance(
+        &self,
+        id: Uuid,
+        phase: MigrationPhase,
+        failure: Option<String>,
+    ) -> Result<bool, StoreError> {
+        let row = self.row(id).await?;
+        let mut stamps: BTreeMap<String, chrono::DateTime<Utc>> =
+            serde_json::from_value(row.phase_timestamps).unwrap_or_default();
+        let now = Utc::now();
+        stamps.entry(phase.as_str().to_owned()).or_insert(now);
+        let done = matches!(phase, MigrationPhase::Succeeded | MigrationPhase::Failed);
+        let mut update = migration::Entity::update_many()
+            .col_expr(migration::Column::Phase, phase.as_str().into())
+            .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
+            .col_expr(migration::Column::UpdatedAt, now.into())
+            .filter(migration::Column::Id.eq(id))
+            .filter(
+                migration::Column::Phase
+                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            );
+        if done {
+            update = update.col_expr(migration::Column::FinishedAt, Some(now).into());
+        }
+        if let Some(reason) = &failure {
+            update = update.col_expr(
+                migration::Column::FailureReason,
+                Some(reason.clone()).into(),
+            );
+        }
+        let moved = update.exec(&self.store.db).await?.rows_affected > 0;
+        if moved {
+            tracing::info!(migration = %id, phase = phase.as_str(), failure = failure.as_deref().unwrap_or(""), "migration phase");
+        }
+        Ok(moved)
+    }
+
+    async fn submit(
+        &self,
+        cluster: &str,
+        key: &str,
+        command: AgentCommand,
+    ) -> Result<StoredCommand, StoreError> {
+        let cluster = ClusterName::new(cluster.to_owned())
+            .map_err(|e| StoreError::Database(sea_orm::DbErr::Custom(e.to_string())))?;
+        let (stored, new) = self
+            .commands
+            .submit(&cluster, key, &command, "drover-hub")
+            .await
+            .map_err(|e| match e {
+                crate::commands::CommandError::Store(s) => s,
+                other => StoreError::Database(sea_orm::DbErr::Custom(other.to_string())),
+            })?;
+        if new {
+            self.sessions.deliver(stored.clone());
+        }
+        Ok(stored)
+    }
+
+    /// Waits for a command's outcome up to `limit`; None on timeout.
+    async fn outcome(
+        &self,
+        cluster: &str,
+        key: &str,
+        limit: Duration,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let current = self
+                .commands
+                .wait(cluster, key, left.min(Duration::from_secs(30)))
+                .await?;
+            match current {
+                Some(c) if c.state != CommandState::Pending => return Ok(Some(c)),
+                _ if left.is_zero() => return Ok(None),
+                _ => {}
+            }
+        }
+    }
+
+    async fn drive(&self, id: Uuid) -> Result<(), StoreError> {
+        let mid = MigrationId(id);
+        loop {
+            let row = self.row(id).await?;
+            let Some(phase) = MigrationPhase::parse(&row.phase) else {
+                return Ok(());
+            };
+            match phase {
+                MigrationPhase::Pending
+                | MigrationPhase::Scheduling
+                | MigrationPhase::Scheduled => {
+                    self.submit(
+                        &row.target_cluster_name,
+                        &format!("{id}/prepare-receiver"),
+                        AgentCommand::PrepareReceiver {
+                            migration_id: mid,
+                            source_cluster: ClusterName::new(row.source_cluster_name.clone())
+                                .map_err(|e| {
+                                    StoreError::Database(sea_orm::DbErr::Custom(e.to_string()))
+                                })?,
+                            namespace: row.target_namespace.clone(),
+                            name: row.vm_name.clone(),
+                        },
+                    )
+                    .await?;
+                    self.advance(id, MigrationPhase::PreparingTarget, None)
+                        .await?;
+                }
+                MigrationPhase::PreparingTarget => {
+                    let key = format!("{id}/prepare-receiver");
+                    match self
+                        .outcome(&row.target_cluster_name, &key, PREPARE_TIMEOUT)
+                        .await?
+                    {
+                        Some(c) if c.state == CommandState::Succeeded => {
+                            self.advance(id, MigrationPhase::TargetReady, None).await?;
+                        }
+                        Some(c) => {
+                            self.fail(
+                                &row,
+                                format!(
+                                    "preparing the target failed: {}",
+                                    c.result_message.unwrap_or_default()
+                                ),
+                            )
+                            .await?;
+                        }
+                        None => {
+                            self.fail(
+                                &row,
+                                format!(
+                                    "the target was not ready within {} s",
+                                    PREPARE_TIMEOUT.as_secs()
+                                ),
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                MigrationPhase::TargetReady => {
+                    let target = cluster::Entity::find()
+                        .filter(cluster::Column::Name.eq(&row.target_cluster_name))
+                        .one(&self.store.db)
+                        .await?;
+                    let source = cluster::Entity::find()
+                        .filter(cluster::Column::Name.eq(&row.source_cluster_name))
+                        .one(&self.store.db)
+                        .await?;
+                    let (Some(target), Some(source)) = (target, source) else {
+                        self.fail(&row, "a cluster of this migration left the fleet".into())
+                            .await?;
+                        continue;
+                    };
+                    let Some(url) = target.sync_endpoint.clone().filter(|u| !u.is_empty()) else {
+                        self.fail(&row, "the target reports no sync endpoint".into())
+                            .await?;
+                        continue;
+                    };
+                    let config: MigrationConfig =
+                        serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
+                    let options = MigrationOptions {
+                        bandwidth_bytes_per_sec: config.bandwidth_per_migration,
+                        allow_auto_converge: config.allow_auto_converge,
+                        allow_post_copy: config.allow_post_copy,
+                        completion_timeout_per_gib: config.completion_timeout_per_gib,
+                        progress_timeout_secs: config.progress_timeout,
+                    };
+                    self.submit(
+                        &row.source_cluster_name,
+                        &format!("{id}/send"),
+                        AgentCommand::SendVm {
+                            migration_id: mid,
+                            namespace: row.vm_namespace.clone(),
+                            name: row.vm_name.clone(),
+                            target_cluster: ClusterName::new(row.target_cluster_name.clone())
+                                .map_err(|e| {
+                                    StoreError::Database(sea_orm::DbErr::Custom(e.to_string()))
+                                })?,
+                            target_namespace: row.target_namespace.clone(),
+                            connect_url: url,
+                            options,
+                        },
+                    )
+                    .await?;
+                    self.advance(id, MigrationPhase::Running, None).await?;
+                }
+                MigrationPhase::Running => {
+                    let key = format!("{id}/send");
+                    let limit = self.completion_limit(&row).await? + SEND_MARGIN;
+                    match self.outcome(&row.source_cluster_name, &key, limit).await? {
+                        Some(c) if c.state == CommandState::Succeeded => {
+                            self.advance(id, MigrationPhase::Succeeded, None).await?;
+                        }
+                        Some(c) => {
+                            self.fail(
+                                &row,
+                                c.result_message.unwrap_or_else(|| "the send failed".into()),
+                            )
+                            .await?;
+                        }
+                        None => {
+                            self.fail(
+                                &row,
+                                format!("no outcome from the source within {} s", limit.as_secs()),
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                MigrationPhase::Succeeded | MigrationPhase::Failed => return Ok(()),
+            }
+        }
+    }
+
+    /// completionTimeoutPerGiB x (memory + disks) of the VM.
+    async fn completion_limit(&self, row: &migration::Model) -> Result<Duration, StoreError> {
+        let source = cluster::Entity::find()
+            .filter(cluster::Column::Name.eq(&row.source_cluster_name))
+            .one(&self.store.db)
+            .await?;
+        let per_gib = source
+            .and_then(|c| serde_json::from_value::<MigrationConfig>(c.migration_config).ok())
+            .map_or(150, |c| c.completion_timeout_per_gib) as u64;
+        let vm = vm::Entity::find()
+            .filter(vm::Column::Uid.eq(&row.vm_uid))
+            .one(&self.store.db)
+            .await?;
+        let bytes = vm.map_or(0, |v| {
+            let disks: u64 = v
+                .disks
+                .as_array()
+                .map(|d| d.iter().filter_map(|d| d["sizeBytes"].as_u64()).sum())
+                .unwrap_or(0);
+            v.memory_bytes.max(0) as u64 + disks
+        });
+        let gib = (bytes as f64 / (1u64 << 30) as f64).max(1.0);
+        Ok(Duration::from_secs_f64(per_gib as f64 * gib))
+    }
+
+    /// Records the failure and makes sure the target side is removed (the source keeps
+    /// running: before switchover it is authoritative).
+    async fn fail(&self, row: &migration::Model, reason: String) -> Result<(), StoreError> {
+        if self
+            .advance(row.id, MigrationPhase::Failed, Some(reason))
+            .await?
+        {
+            self.cleanup(row).await?;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self, row: &migration::Model) -> Result<(), StoreError> {
+        let mid = MigrationId(row.id);
+        for cluster in [&row.source_cluster_name, &row.target_cluster_name] {
+            self.submit(
+                cluster,
+                &format!("{}/cancel/{cluster}", row.id),
+                AgentCommand::CancelMigration { migration_id: mid },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Cancels a migration before switchover: both sides are told, the target side is removed,
+    /// the source keeps running.
+    pub async fn cancel(&self, id: Uuid, actor: &str) -> Result<(), MigrateError> {
+        let row = migration::Entity::find_by_id(id)
+            .one(&self.store.db)
+            .await?
+            .ok_or_else(|| MigrateError::NotFound(format!("migration {id} does not exist")))?;
+        let phase = MigrationPhase::parse(&row.phase);
+        if !phase.is_some_and(|p| MigrationPhase::IN_FLIGHT.contains(&p)) {
+            return Err(MigrateError::Conflict(format!(
+                "migration {id} is {} and can no longer be cancelled",
+                row.phase
+            )));
+        }
+        self.cleanup(&row).await?;
+        self.advance(
+            id,
+            MigrationPhase::Failed,
+            Some(format!("cancelled by {actor}")),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Records a status report from an agent: progress (from the source) while the migration runs.
+pub async fn record_status(
+    store: &Store,
+    from: &ClusterName,
+    status: &MigrationStatus,
+) -> Result<(), StoreError> {
+    {
+        let Some(p) = status.progress else {
+            return Ok(());
+        };
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        migration::Entity::update_many()
+            .col_expr(migration::Column::BytesTotal, clamp(p.bytes_total).into())
+            .col_expr(
+                migration::Column::BytesTransferred,
+                clamp(p.bytes_transferred).into(),
+            )
+            .col_expr(
+                migration::Column::BytesRemaining,
+                clamp(p.bytes_remaining).into(),
+            )
+            .col_expr(
+                migration::Column::DirtyRateBytesPerSec,
+                clamp(p.dirty_rate_bytes_per_sec).into(),
+            )
+            .col_expr(
+                migration::Column::ThroughputBytesPerSec,
+                clamp(p.throughput_bytes_per_sec).into(),
+            )
+            .col_expr(migration::Column::UpdatedAt, Utc::now().into())
+            .filter(migration::Column::Id.eq(status.migration_id.0))
+            .filter(migration::Column::SourceClusterName.eq(from.as_str()))
+            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
+            .exec(&store.db)
+            .await?;
+        Ok(())
+    }
+}

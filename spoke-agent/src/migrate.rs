@@ -1,0 +1,628 @@
+//! The agent's side of cross-cluster migrations: the receiver (expects its sender on the sync
+//! endpoint, creates the receiving VM when the sender describes it, takes over at switchover)
+//! and the sender (opens the control channel, tunnels disk and memory through the agents' TLS,
+//! reports progress to the hub, switches over). Exactly one side is authoritative at any moment:
+//! the source until the target confirms it runs, the target after. The runtime does the
+//! QEMU-level work behind `MigrationRuntime`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_shared::commands::{CommandOutcome, VmSpec};
+use drover_shared::inventory::MigrationPhase;
+use drover_shared::migration::{
+    MigrationOptions, MigrationProgress, MigrationStatus, SyncChannel, SyncMessage,
+};
+use drover_shared::protocol::AgentMessage;
+use drover_shared::{ClusterName, MigrationId};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+use crate::identity::AgentIdentity;
+use crate::sync::{BoxedStream, Expected, LocalTunnel, PeerDialer, ReceiverSockets, SyncEndpoint};
+
+/// How long a prepared receiver waits for its sender before it gives up and cleans up.
+const RECEIVER_WAIT: Duration = Duration::from_secs(600);
+/// How long the sender waits for the receiving VM to be created.
+const PREPARE_WAIT: Duration = Duration::from_secs(120);
+/// How long the sender waits for the target to confirm the switchover.
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
+/// Longest control message.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// What a send reports when the memory stream completed (the source is paused).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendReport {
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub bytes: u64,
+}
+
+/// The QEMU-level steps of a migration; the qemu runtime implements them.
+pub trait MigrationRuntime: Send + Sync + 'static {
+    /// The declared spec of a VM this agent runs.
+    fn vm_spec(&self, namespace: &str, name: &str) -> Result<VmSpec, String>;
+    /// Whether a VM of that name exists here.
+    fn has_vm(&self, namespace: &str, name: &str) -> bool;
+    fn prepare_receiver(
+        &self,
+        spec: VmSpec,
+        migration: MigrationId,
+    ) -> impl Future<Output = Result<ReceiverSockets, String>> + Send;
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        namespace: &str,
+        name: &str,
+        migration: MigrationId,
+        disk_socket: PathBuf,
+        memory_socket: PathBuf,
+        options: MigrationOptions,
+        progress: Box<dyn Fn(MigrationProgress) + Send + Sync>,
+    ) -> impl Future<Output = Result<SendReport, String>> + Send;
+    fn cancel_send(&self, namespace: &str, name: &str) -> impl Future<Output = ()> + Send;
+    fn finish_receiver(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn finish_sender(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn resume_sender(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn abort_receiver(&self, namespace: &str, name: &str) -> impl Future<Output = ()> + Send;
+}
+
+struct Sending {
+    cancel: watch::Sender<Option<String>>,
+}
+
+struct Receiving {
+    namespace: String,
+    name: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// This agent's migrations in flight.
+pub struct MigrationController<R> {
+    runtime: Arc<R>,
+    sync: Arc<SyncEndpoint>,
+    identity: Arc<AgentIdentity>,
+    cluster: ClusterName,
+    work_dir: PathBuf,
+    outbox: mpsc::UnboundedSender<AgentMessage>,
+    sending: Mutex<HashMap<MigrationId, Sending>>,
+    receiving: Arc<Mutex<HashMap<MigrationId, Receiving>>>,
+}
+
+fn failed(reason: impl Into<String>) -> CommandOutcome {
+    CommandOutcome::Failed {
+        reason: reason.into(),
+    }
+}
+
+fn succeeded(message: impl Into<String>) -> CommandOutcome {
+    CommandOutcome::Succeeded {
+        message: message.into(),
+    }
+}
+
+async fn send_message(stream: &mut BoxedStream, message: &SyncMessage) -> Result<(), String> {
+    let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .await
+        .map_err(|e| format!("the sync channel broke: {e}"))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| format!("the sync channel broke: {e}"))
+}
+
+/// Reads control messages into a channel (so callers can wait on them with `select!`).
+fn spawn_reader(
+    stream: tokio::io::ReadHalf<BoxedStream>,
+) -> (
+    mpsc::Receiver<Result<SyncMessage, String>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let mut lines = BufReader::new(stream);
+        loop {
+            let mut line = String::new();
+            let read = (&mut lines)
+                .take(MAX_MESSAGE as u64)
+                .read_line(&mut line)
+                .await;
+            let message = match read {
+                Ok(0) => Err("the peer closed the sync channel".to_owned()),
+                Ok(_) => serde_json::from_str(line.trim())
+                    .map_err(|e| format!("unreadable sync message: {e}")),
+                Err(e) => Err(format!("the sync channel broke: {e}")),
+            };
+            let end = message.is_err();
+            if tx.send(message).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
+impl<R: MigrationRuntime> MigrationController<R> {
+    pub fn new(
+        runtime: Arc<R>,
+        sync: Arc<SyncEndpoint>,
+        identity: Arc<AgentIdentity>,
+        work_dir: &Path,
+        outbox: mpsc::UnboundedSender<AgentMessage>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cluster: identity.cluster.clone(),
+            runtime,
+            sync,
+            identity,
+            work_dir: work_dir.join("migrations"),
+            outbox,
+            sending: Mutex::default(),
+            receiving: Arc::default(),
+        })
+    }
+
+    fn status(
+        &self,
+        migration: MigrationId,
+        phase: MigrationPhase,
+        progress: Option<MigrationProgress>,
+    ) {
+        let _ = self
+            .outbox
+            .send(AgentMessage::MigrationStatus(MigrationStatus {
+                migration_id: migration,
+                phase,
+                progress,
+                message: None,
+                cluster: self.cluster.clone(),
+            }));
+    }
+
+    /// Target side: expect the source on the sync endpoint; the receiving VM is created when
+    /// the sender describes it.
+    pub async fn prepare_receiver(
+        self: &Arc<Self>,
+        migration: MigrationId,
+        source: ClusterName,
+        namespace: String,
+        name: String,
+    ) -> CommandOutcome {
+        if self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&migration)
+        {
+            return succeeded("the target is already waiting for its source");
+        }
+        if self.runtime.has_vm(&namespace, &name) {
+            return failed(format!(
+                "a virtual machine {namespace}/{name} already exists on this cluster"
+            ));
+        }
+        let (control_tx, control_rx) = mpsc::channel(1);
+        let (sockets_tx, sockets_rx) = watch::channel(None);
+        self.sync.expect(
+            migration,
+            Expected {
+                source_cluster: source.clone(),
+                sockets: sockets_rx,
+                control: control_tx,
+            },
+        );
+        let this = self.clone();
+        let (ns, n) = (namespace.clone(), name.clone());
+        let task = tokio::spawn(async move {
+            let outcome = this
+                .receive(migration, &ns, &n, control_rx, sockets_tx)
+                .await;
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(%migration, vm = %format!("{ns}/{n}"), "migration received; the VM runs here now")
+                }
+                Err(reason) => {
+                    tracing::warn!(%migration, %reason, "receiving side ends; removing everything of it");
+                    this.runtime.abort_receiver(&ns, &n).await;
+                }
+            }
+            this.sync.forget(&migration);
+            this.receiving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&migration);
+        });
+        self.receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                migration,
+                Receiving {
+                    namespace,
+                    name,
+                    task,
+                },
+            );
+        self.status(migration, MigrationPhase::TargetReady, None);
+        succeeded(format!("target ready; waiting for cluster {source}"))
+    }
+
+    async fn receive(
+        &self,
+        migration: MigrationId,
+        namespace: &str,
+        name: &str,
+        mut control_rx: mpsc::Receiver<BoxedStream>,
+        sockets: watch::Sender<Option<ReceiverSockets>>,
+    ) -> Result<(), String> {
+        let stream = tokio::time::timeout(RECEIVER_WAIT, control_rx.recv())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the source did not connect within {} s",
+                    RECEIVER_WAIT.as_secs()
+                )
+            })?
+            .ok_or("the sync endpoint stopped")?;
+        let (read, write) = tokio::io::split(stream);
+        let mut write: BoxedStream = Box::new(WriteOnly(write));
+        let (mut messages, reader) = spawn_reader(read);
+        let _reader = AbortOnDrop(reader);
+        let mut prepared = false;
+        loop {
+            let message = messages
+                .recv()
+                .await
+                .unwrap_or_else(|| Err("the sync channel ended".into()))?;
+            match message {
+                SyncMessage::Prepare { mut spec } => {
+                    if spec.name != name || spec.namespace != namespace {
+                        let reason = format!(
+                            "the sender describes {}/{}, but this target was prepared for {namespace}/{name}",
+                            spec.namespace, spec.name
+                        );
+                        let _ = send_message(
+                            &mut write,
+                            &SyncMessage::Prepared {
+                                ready: false,
+                                reason: Some(reason.clone()),
+                            },
+                        )
+                        .await;
+                        return Err(reason);
+                    }
+                    spec.run_strategy = drover_shared::inventory::RunStrategy::WaitAsReceiver;
+                    match self.runtime.prepare_receiver(spec, migration).await {
+                        Ok(s) => {
+                            let _ = sockets.send(Some(s));
+                            prepared = true;
+                            send_message(
+                                &mut write,
+                                &SyncMessage::Prepared {
+                                    ready: true,
+                                    reason: None,
+                                },
+                            )
+                            .await?;
+                        }
+                        Err(reason) => {
+                            let _ = send_message(
+                                &mut write,
+                                &SyncMessage::Prepared {
+                                    ready: false,
+                                    reason: Some(reason.clone()),
+                                },
+                            )
+                            .await;
+                            return Err(format!("preparing the receiving VM failed: {reason}"));
+                        }
+                    }
+                }
+                SyncMessage::SourceStatus { .. } => {}
+                SyncMessage::Switchover if prepared => {
+                    let result = self.runtime.finish_receiver(namespace, name).await;
+                    let reply = SyncMessage::SwitchedOver {
+                        succeeded: result.is_ok(),
+                        reason: result.as_ref().err().cloned(),
+                    };
+                    // Once the target runs it is authoritative, whether or not the source hears.
+                    let _ = send_message(&mut write, &reply).await;
+                    return result.map_err(|e| format!("the target could not take over: {e}"));
+                }
+                SyncMessage::Cancel { reason } => {
+                    return Err(format!("cancelled by the source: {reason}"))
+                }
+                other => {
+                    return Err(format!("unexpected message from the source: {other:?}"));
+                }
+            }
+        }
+    }
+
+    /// Source side: the whole send, through switchover.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send(
+        self: &Arc<Self>,
+        migration: MigrationId,
+        namespace: String,
+        name: String,
+        target: ClusterName,
+        target_namespace: String,
+        connect_url: String,
+        options: MigrationOptions,
+    ) -> CommandOutcome {
+        let (cancel_tx, cancel_rx) = watch::channel(None);
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(migration, Sending { cancel: cancel_tx });
+        let result = self
+            .send_inner(
+                migration,
+                &namespace,
+                &name,
+                &target,
+                &target_namespace,
+                &connect_url,
+                options,
+                cancel_rx,
+            )
+            .await;
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&migration);
+        let _ = std::fs::remove_dir_all(self.work_dir.join(migration.to_string()));
+        match result {
+            Ok(message) => {
+                self.status(migration, MigrationPhase::Succeeded, None);
+                succeeded(message)
+            }
+            Err(reason) => {
+                self.status(migration, MigrationPhase::Failed, None);
+                failed(reason)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_inner(
+        &self,
+        migration: MigrationId,
+        namespace: &str,
+        name: &str,
+        target: &ClusterName,
+        target_namespace: &str,
+        connect_url: &str,
+        options: MigrationOptions,
+        mut cancel: watch::Receiver<Option<String>>,
+    ) -> Result<String, String> {
+        let mut spec = self.runtime.vm_spec(namespace, name)?;
+        spec.namespace = target_namespace.to_owned();
+        let dialer = PeerDialer::new(&self.identity, connect_url, target, migration)
+            .map_err(|e| e.to_string())?;
+        let control = dialer
+            .open(SyncChannel::Control)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (read, write) = tokio::io::split(control);
+        let mut write: BoxedStream = Box::new(WriteOnly(write));
+        let (mut messages, reader) = spawn_reader(read);
+        let _reader = AbortOnDrop(reader);
+
+        send_message(&mut write, &SyncMessage::Prepare { spec }).await?;
+        match tokio::time::timeout(PREPARE_WAIT, messages.recv()).await {
+            Ok(Some(Ok(SyncMessage::Prepared { ready: true, .. }))) => {}
+            Ok(Some(Ok(SyncMessage::Prepared { reason, .. }))) => {
+                return Err(format!(
+                    "the target could not prepare the VM: {}",
+                    reason.unwrap_or_default()
+                ))
+            }
+            Ok(Some(Ok(other))) => {
+                return Err(format!("unexpected answer from the target: {other:?}"))
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err("the sync channel ended".into()),
+            Err(_) => {
+                return Err(format!(
+                    "the target did not prepare the VM within {} s",
+                    PREPARE_WAIT.as_secs()
+                ))
+            }
+        }
+
+        let dir = self.work_dir.join(migration.to_string());
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let disk = LocalTunnel::start(&dir.join("disk.sock"), dialer.clone(), SyncChannel::Disk)
+            .map_err(|e| format!("cannot open the disk tunnel: {e}"))?;
+        let memory = LocalTunnel::start(
+            &dir.join("memory.sock"),
+            dialer.clone(),
+            SyncChannel::Memory,
+        )
+        .map_err(|e| format!("cannot open the memory tunnel: {e}"))?;
+        self.status(migration, MigrationPhase::Running, None);
+
+        let outbox = self.outbox.clone();
+        let cluster = self.cluster.clone();
+        let last = Mutex::new(Instant::now() - Duration::from_secs(2));
+        let progress = Box::new(move |p: MigrationProgress| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() >= Duration::from_secs(1) {
+                *last = Instant::now();
+                let _ = outbox.send(AgentMessage::MigrationStatus(MigrationStatus {
+                    migration_id: migration,
+                    phase: MigrationPhase::Running,
+                    progress: Some(p),
+                    message: None,
+                    cluster: cluster.clone(),
+                }));
+            }
+        });
+        let send = self.runtime.send(
+            namespace,
+            name,
+            migration,
+            disk.path().to_owned(),
+            memory.path().to_owned(),
+            options,
+            progress,
+        );
+        tokio::pin!(send);
+        let report = loop {
+            tokio::select! {
+                result = &mut send => break result,
+                _ = cancel.changed() => {
+                    let reason = cancel.borrow().clone().unwrap_or_else(|| "cancelled".into());
+                    self.runtime.cancel_send(namespace, name).await;
+                    let _ = send_message(&mut write, &SyncMessage::Cancel { reason: reason.clone() }).await;
+                    return Err(format!("cancelled: {reason}; the source keeps running"));
+                }
+                message = messages.recv() => match message {
+                    Some(Ok(SyncMessage::Cancel { reason })) => {
+                        self.runtime.cancel_send(namespace, name).await;
+                        return Err(format!("the target cancelled: {reason}; the source keeps running"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        self.runtime.cancel_send(namespace, name).await;
+                        return Err(format!("lost the target during the transfer ({e}); the source keeps running"));
+                    }
+                    None => {
+                        self.runtime.cancel_send(namespace, name).await;
+                        return Err("lost the target during the transfer; the source keeps running".into());
+                    }
+                },
+            }
+        };
+        let report = match report {
+            Ok(r) => r,
+            Err(reason) => {
+                let _ = send_message(
+                    &mut write,
+                    &SyncMessage::Cancel {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
+                return Err(format!("{reason}; the source keeps running"));
+            }
+        };
+        drop((disk, memory));
+
+        // Switchover: the source is paused; the target takes over, or the source resumes.
+        send_message(&mut write, &SyncMessage::Switchover).await.map_err(|e| {
+            format!("{e}: the switchover could not be requested; the source stays paused until an operator checks the target")
+        })?;
+        match tokio::time::timeout(SWITCHOVER_WAIT, messages.recv()).await {
+            Ok(Some(Ok(SyncMessage::SwitchedOver { succeeded: true, .. }))) => {
+                if let Err(e) = self.runtime.finish_sender(namespace, name).await {
+                    tracing::warn!(%migration, error = %e, "removing the source VM after switchover failed");
+                }
+                Ok(format!(
+                    "moved to {target} (downtime {} ms, {} bytes in {} ms)",
+                    report.downtime_ms, report.bytes, report.total_ms
+                ))
+            }
+            Ok(Some(Ok(SyncMessage::SwitchedOver { reason, .. }))) => {
+                let reason = reason.unwrap_or_default();
+                self.runtime.resume_sender(namespace, name).await.map_err(|e| {
+                    format!("the target could not take over ({reason}) and resuming the source failed: {e}")
+                })?;
+                Err(format!("the target could not take over ({reason}); the source resumed"))
+            }
+            _ => Err(format!(
+                "no answer to the switchover from {target}: the source stays paused so that the VM never runs twice; check whether it runs on {target}"
+            )),
+        }
+    }
+
+    /// Cancels whatever this agent does for `migration`.
+    pub async fn cancel(&self, migration: MigrationId) -> CommandOutcome {
+        if let Some(s) = self
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&migration)
+        {
+            let _ = s.cancel.send(Some("cancelled by the hub".into()));
+            return succeeded("the send is being cancelled; the source keeps running");
+        }
+        let receiving = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&migration);
+        if let Some(r) = receiving {
+            r.task.abort();
+            self.sync.forget(&migration);
+            self.runtime.abort_receiver(&r.namespace, &r.name).await;
+            return succeeded("the receiving side was removed");
+        }
+        succeeded("nothing of this migration is in flight here")
+    }
+}
+
+/// The write half of a split stream as a stream of its own (reads end at once).
+struct WriteOnly(tokio::io::WriteHalf<BoxedStream>);
+
+impl tokio::io::AsyncRead for WriteOnly {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteOnly {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Aborts a helper task when its owner is done with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
