@@ -27,6 +27,7 @@
 
 mod host;
 mod layout;
+mod migration;
 mod process;
 mod qmp;
 mod state;
@@ -50,6 +51,11 @@ use self::host::{HostFacts, ResolvedAccel};
 use self::layout::{VmDir, VmKey};
 use self::state::TrackedVm;
 
+pub use self::migration::{
+    MigrationFailure, MigrationProgress, MigrationStage, ReceiverEndpoints, SendOptions,
+    SendOutcome,
+};
+
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -72,6 +78,11 @@ pub struct QemuOptions {
     pub poll_interval: Duration,
     /// Reported as the cluster's labels.
     pub cluster_labels: BTreeMap<String, String>,
+    /// The agent's sync endpoint (host:port) that peer agents reach for migrations into this
+    /// cluster; reported to the hub.
+    pub sync_endpoint: Option<String>,
+    /// The limits migrations from this cluster run under (reported to the hub).
+    pub migration_config: MigrationConfig,
 }
 
 impl QemuOptions {
@@ -84,6 +95,8 @@ impl QemuOptions {
             accel: Accel::Auto,
             poll_interval: Duration::from_secs(1),
             cluster_labels: BTreeMap::new(),
+            sync_endpoint: None,
+            migration_config: MigrationConfig::default(),
         }
     }
 }
@@ -144,6 +157,13 @@ pub enum RuntimeError {
         pid: u32,
         detail: String,
     },
+    #[error("virtual machine {vm}: migration {migration_id}: {detail}")]
+    Migration {
+        vm: String,
+        migration_id: String,
+        kind: MigrationFailure,
+        detail: String,
+    },
 }
 
 /// How long an operation waits for another one on the same VM to finish.
@@ -181,6 +201,8 @@ pub struct QemuRuntime {
     declare_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
     monitor: Mutex<Option<JoinHandle<()>>>,
+    /// Sends in progress, so that `cancel_send` can reach them.
+    sends: migration::Sends,
 }
 
 impl QemuRuntime {
@@ -230,14 +252,14 @@ impl QemuRuntime {
             labels: options.cluster_labels.clone(),
             cpu_models: vec![accel.cpu_model().to_owned()],
             feature_gates: vec!["decentralizedLiveMigration".to_owned()],
-            migration_config: MigrationConfig::default(),
+            migration_config: options.migration_config.clone(),
             storage_classes: vec![StorageClass {
                 name: "qcow2".into(),
                 provisioner: "drover.qemu/local".into(),
                 is_default: true,
             }],
             networks: vec!["default".into()],
-            sync_endpoint: None,
+            sync_endpoint: options.sync_endpoint.clone(),
         };
         let node = NodeInfo {
             name: host.node_name.clone(),
@@ -269,6 +291,7 @@ impl QemuRuntime {
             declare_lock: tokio::sync::Mutex::new(()),
             shutdown,
             monitor: Mutex::new(None),
+            sends: migration::Sends::default(),
         });
         tracing::info!(
             data_dir = %runtime.options.data_dir.display(),
@@ -312,7 +335,10 @@ impl QemuRuntime {
             path: self.vms_root.clone(),
             source: e,
         })?;
-        if scan.declared.contains_key(&key) || dir.spec_file().exists() {
+        if scan.declared.contains_key(&key)
+            || dir.spec_file().exists()
+            || migration::has_marker(&dir)
+        {
             return Err(RuntimeError::AlreadyExists { vm });
         }
         let tracked_specs: Vec<VmSpec> = lock(&self.state)
@@ -767,6 +793,8 @@ impl QemuRuntime {
                 .keys()
                 .chain(state.tracked.keys())
                 .cloned()
+                // Receivers have no declaration yet.
+                .chain(migration::marked_vms(&self.vms_root))
                 .collect()
         };
         futures::future::join_all(
@@ -783,6 +811,9 @@ impl QemuRuntime {
             return;
         };
         let dir = self.dir(key);
+        if self.reconcile_migration(key, &dir).await {
+            return;
+        }
         // Read again under the lock: an operation may have changed it since the scan.
         let spec = match layout::read_spec(&dir, key) {
             Ok(Some(spec)) => usable.then_some(spec),

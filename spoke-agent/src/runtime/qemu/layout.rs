@@ -114,7 +114,7 @@ pub(crate) fn write_spec(dir: &VmDir, spec: &VmSpec) -> io::Result<()> {
     write_atomically(&dir.spec_file(), &json)
 }
 
-fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())

@@ -124,6 +124,18 @@ pub(crate) async fn launch(
     spec: &VmSpec,
     accel: ResolvedAccel,
 ) -> Result<u32, String> {
+    launch_with(qemu_binary, dir, spec, accel, &[]).await
+}
+
+/// `launch` with `extra` arguments after the VM's own (a migration receiver adds
+/// `-incoming defer -S`).
+pub(crate) async fn launch_with(
+    qemu_binary: &Path,
+    dir: &VmDir,
+    spec: &VmSpec,
+    accel: ResolvedAccel,
+    extra: &[&str],
+) -> Result<u32, String> {
     for stale in [dir.pidfile(), dir.qmp_socket()] {
         match std::fs::remove_file(&stale) {
             Ok(()) => {}
@@ -136,6 +148,7 @@ pub(crate) async fn launch(
         .map_err(|e| format!("cannot create {}: {e}", dir.qemu_log().display()))?;
     let mut parent = tokio::process::Command::new(qemu_binary)
         .args(qemu_args(dir, spec, accel))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
