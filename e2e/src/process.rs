@@ -124,12 +124,24 @@ impl AgentProcess {
     /// Starts an agent on `data_dir` reporting to the hub's agent endpoint `hub`, with the
     /// QEMU runtime under TCG; `join` is (cluster, token) for a first start.
     pub async fn start(data_dir: &Path, hub: &str, join: Option<(&str, &str)>) -> AgentProcess {
+        Self::start_with_args(data_dir, hub, join, &[]).await
+    }
+
+    /// Starts an agent with extra command-line arguments (e.g. migration limits).
+    pub async fn start_with_args(
+        data_dir: &Path,
+        hub: &str,
+        join: Option<(&str, &str)>,
+        extra: &[&str],
+    ) -> AgentProcess {
         let mut cmd = Command::new(binary("drover-agent").unwrap());
+        cmd.args(extra);
         cmd.arg("--hub")
             .arg(hub)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--runtime", "qemu", "--accel", "tcg"])
+            .args(["--sync-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -197,8 +197,19 @@ impl CommandExecutor {
         data_dir: &Path,
         handler: Arc<dyn CommandHandler>,
     ) -> Result<Commands, JournalError> {
+        Self::open_with_outbox(data_dir, handler, mpsc::unbounded_channel())
+    }
+
+    /// Like `open`, with the outbox made beforehand (the handler may need its sender).
+    pub fn open_with_outbox(
+        data_dir: &Path,
+        handler: Arc<dyn CommandHandler>,
+        (acks, rx): (
+            mpsc::UnboundedSender<AgentMessage>,
+            mpsc::UnboundedReceiver<AgentMessage>,
+        ),
+    ) -> Result<Commands, JournalError> {
         let journal = Journal::open(data_dir)?;
-        let (acks, rx) = mpsc::unbounded_channel();
         Ok(Commands {
             executor: Arc::new(Self {
                 journal: Mutex::new(journal),

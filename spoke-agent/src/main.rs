@@ -9,9 +9,13 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use drover_agent::commands::CommandExecutor;
 use drover_agent::identity::{AgentIdentity, IdentityError};
+use drover_agent::migrate::MigrationController;
 use drover_agent::runtime::qemu::{Accel, QemuOptions, QemuRuntime};
+use drover_agent::runtime::{QemuAgent, QemuMigrations};
 use drover_agent::session::{self, SessionStatus};
+use drover_agent::sync::SyncEndpoint;
 use drover_shared::ClusterName;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,6 +83,23 @@ struct RunArgs {
     /// qemu runtime: qemu-img.
     #[arg(long, env = "DROVER_QEMU_IMG", default_value = "qemu-img")]
     qemu_img: PathBuf,
+    /// Where this agent's sync endpoint listens for peer agents (migrations into this cluster).
+    #[arg(long, env = "DROVER_SYNC_LISTEN", default_value = "0.0.0.0:9185")]
+    sync_listen: std::net::SocketAddr,
+    /// The address peer agents reach the sync endpoint at (host:port), reported to the hub;
+    /// defaults to the listen address.
+    #[arg(long, env = "DROVER_SYNC_ADVERTISE")]
+    sync_advertise: Option<String>,
+    /// Bytes per second each migration from this cluster may use (disk copy and memory stream
+    /// each); 0 = unlimited.
+    #[arg(long, env = "DROVER_BANDWIDTH_PER_MIGRATION", default_value_t = 0)]
+    bandwidth_per_migration: u64,
+    /// Seconds without progress before a migration from this cluster is given up.
+    #[arg(long, env = "DROVER_PROGRESS_TIMEOUT_SECS", default_value_t = 150)]
+    progress_timeout_secs: u32,
+    /// Allow auto-converge (throttling the guest's vCPUs) for migrations from this cluster.
+    #[arg(long, env = "DROVER_ALLOW_AUTO_CONVERGE")]
+    allow_auto_converge: bool,
     /// Labels of this cluster, key=value (repeat or comma-separate).
     #[arg(long = "label", env = "DROVER_CLUSTER_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
@@ -137,6 +158,13 @@ async fn identity(common: &Common, hub: &str) -> anyhow::Result<AgentIdentity> {
     }
 }
 
+/// This host's name, for the advertised sync endpoint when listening on all addresses.
+fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 fn labels(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     pairs
         .iter()
@@ -157,6 +185,25 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
     }
     let identity = identity(common, hub).await?;
     let cluster = identity.cluster.clone();
+    // The sync endpoint authenticates peers with this agent's certificate.
+    let peer_identity = Arc::new(AgentIdentity::load(&common.data_dir)?);
+    let sync = SyncEndpoint::new(&peer_identity).context("cannot set up the sync endpoint")?;
+    let sync_listener = tokio::net::TcpListener::bind(args.sync_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for peer agents on {}; pass --sync-listen",
+                args.sync_listen
+            )
+        })?;
+    let sync_addr = sync_listener.local_addr()?;
+    let advertise = args.sync_advertise.clone().unwrap_or_else(|| {
+        if sync_addr.ip().is_unspecified() {
+            format!("{}:{}", local_host_name(), sync_addr.port())
+        } else {
+            sync_addr.to_string()
+        }
+    });
     let mut options = QemuOptions::new(&common.data_dir);
     options.qemu_binary = args.qemu_binary.clone();
     options.qemu_img = args.qemu_img.clone();
@@ -166,13 +213,34 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
         AccelChoice::Tcg => Accel::Tcg,
     };
     options.cluster_labels = labels(&args.labels)?;
+    options.sync_endpoint = Some(advertise.clone());
+    options.migration_config.bandwidth_per_migration = args.bandwidth_per_migration;
+    options.migration_config.progress_timeout = args.progress_timeout_secs;
+    options.migration_config.allow_auto_converge = args.allow_auto_converge;
     let runtime = QemuRuntime::open(options)
         .await
         .context("cannot start the qemu runtime")?;
-    let commands = CommandExecutor::open(&common.data_dir, runtime.clone())
-        .context("cannot open the command journal")?;
+    let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+    let migrations = MigrationController::new(
+        Arc::new(QemuMigrations {
+            runtime: runtime.clone(),
+            vms_dir: common.data_dir.join("vms"),
+        }),
+        sync.clone(),
+        peer_identity,
+        &common.data_dir,
+        outbox.clone(),
+    );
+    let handler = Arc::new(QemuAgent {
+        runtime: runtime.clone(),
+        migrations,
+    });
+    let commands =
+        CommandExecutor::open_with_outbox(&common.data_dir, handler, (outbox, outbox_rx))
+            .context("cannot open the command journal")?;
     let (status_tx, status) = tokio::sync::watch::channel(SessionStatus::default());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(sync.serve(sync_listener, stop.clone()));
     let session = tokio::spawn(session::run(
         identity,
         common.data_dir.clone(),
@@ -183,7 +251,7 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
         stop,
     ));
     println!(
-        "drover-agent running as cluster {cluster} (runtime qemu, data dir {}); hub {hub}",
+        "drover-agent running as cluster {cluster} (runtime qemu, data dir {}); hub {hub}; sync endpoint {advertise}",
         common.data_dir.display()
     );
     tokio::pin!(session);

@@ -47,6 +47,8 @@ pub trait MigrationRuntime: Send + Sync + 'static {
     fn vm_spec(&self, namespace: &str, name: &str) -> Result<VmSpec, String>;
     /// Whether a VM of that name exists here.
     fn has_vm(&self, namespace: &str, name: &str) -> bool;
+    /// The receiving VM of `migration` left here (e.g. by an agent restart), if any.
+    fn receiver_of(&self, migration: MigrationId) -> Option<(String, String)>;
     fn prepare_receiver(
         &self,
         spec: VmSpec,
@@ -578,6 +580,12 @@ impl<R: MigrationRuntime> MigrationController<R> {
             self.sync.forget(&migration);
             self.runtime.abort_receiver(&r.namespace, &r.name).await;
             return succeeded("the receiving side was removed");
+        }
+        // Left by an earlier run of this agent: its sender is gone, so it can only be removed.
+        if let Some((namespace, name)) = self.runtime.receiver_of(migration) {
+            self.sync.forget(&migration);
+            self.runtime.abort_receiver(&namespace, &name).await;
+            return succeeded("the receiving side left by an agent restart was removed");
         }
         succeeded("nothing of this migration is in flight here")
     }

@@ -1,0 +1,400 @@
+//! A running VM moves between two agents' clusters with one GraphQL mutation, through the
+//! agents' own mutual-TLS tunnel (real hub and agent processes, real QEMU under TCG): the
+//! guest's counter keeps counting on the target without a reboot, every disk record it wrote
+//! arrived, the source side is gone, the hub records the new location and the migration's
+//! phases; and the VM moves back again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_e2e::agents::eventually;
+use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::testbed::test_guest;
+use serde_json::{json, Value};
+
+const HUB_TIMING: &[&str] = &[
+    "--heartbeat-interval-secs",
+    "1",
+    "--silence-limit-secs",
+    "5",
+];
+
+async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
+    match reqwest::Client::new()
+        .post(hub.url("/graphql"))
+        .json(&json!({"query": query, "variables": variables}))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+fn declare(data_dir: &Path, guest: &Path, name: &str) -> PathBuf {
+    declare_with(
+        data_dir,
+        guest,
+        name,
+        "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=8",
+    )
+}
+
+fn declare_with(data_dir: &Path, guest: &Path, name: &str, knobs: &str) -> PathBuf {
+    let dir = data_dir.join("vms/web").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = json!({
+        "namespace": "web", "name": name, "memoryBytes": 128u64 << 20, "vcpus": 1,
+        "disks": [{"name": "root", "sizeBytes": 32u64 << 20}],
+        "interfaces": [{"name": "nic0", "network": "default", "mac": "02:00:00:00:b0:01"}],
+        "runStrategy": "Always",
+        "boot": {
+            "kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"),
+            "cmdline": format!("console=ttyS0 quiet panic=-1 drover.disk_writes=1 {knobs}"),
+        },
+    });
+    std::fs::write(dir.join("vm.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    dir
+}
+
+async fn vm_phase(hub: &HubProcess, cluster: &str, name: &str) -> Option<String> {
+    let v = gql(
+        hub,
+        "query($c: String!, $n: String!) { virtualMachine(cluster: $c, namespace: \"web\", name: $n) { phase } }",
+        json!({"c": cluster, "n": name}),
+    )
+    .await;
+    v["data"]["virtualMachine"]["phase"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+const MIGRATION: &str = r#"query($id: ID!) { migration(id: $id) {
+  phase failureReason sourceClusterName targetClusterName phaseTimestamps { phase at }
+  progress { bytesTotal bytesTransferred }
+} }"#;
+
+async fn start_migration(hub: &HubProcess, name: &str, from: &str, to: &str) -> String {
+    let started = gql(
+        hub,
+        r#"mutation($in: MigrateVirtualMachineInput!) { migrateVirtualMachine(input: $in) { id phase } }"#,
+        json!({"in": {"cluster": from, "namespace": "web", "name": name, "targetCluster": to}}),
+    )
+    .await;
+    started["data"]["migrateVirtualMachine"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("migrateVirtualMachine: {started}"))
+        .to_owned()
+}
+
+/// Migrates `name` from `from` to `to` and waits for the outcome; returns the migration.
+async fn migrate(hub: &HubProcess, name: &str, from: &str, to: &str) -> Value {
+    let id = start_migration(hub, name, from, to).await;
+    wait_for_end(hub, &id).await
+}
+
+async fn wait_for_end(hub: &HubProcess, id: &str) -> Value {
+    let mut last = Value::Null;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while tokio::time::Instant::now() < deadline {
+        last = gql(hub, MIGRATION, json!({"id": id})).await["data"]["migration"].clone();
+        if last["phase"] == "SUCCEEDED" || last["phase"] == "FAILED" {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the migration did not end within 180 s: {last}");
+}
+
+/// Every `drover-seq N` record up to `upto` is in block N of the qcow2 disk.
+fn disk_has_records(disk: &Path, upto: u64) {
+    let raw = disk.with_extension("raw");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "qemu-img convert {}", disk.display());
+    let bytes = std::fs::read(&raw).unwrap();
+    let _ = std::fs::remove_file(&raw);
+    for n in 0..upto as usize {
+        let block = &bytes[n * 512..n * 512 + 22];
+        assert_eq!(
+            std::str::from_utf8(block).unwrap_or("<binary>"),
+            format!("drover-seq {n:010}\n"),
+            "record {n} on the target disk"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
+    let guest = test_guest();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
+    let source_vm = declare(east_dir.path(), &guest, "mover");
+
+    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
+    let http = reqwest::Client::new();
+    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
+    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
+    let _east =
+        AgentProcess::start(east_dir.path(), &hub.agents, Some(("east-1", &east_token))).await;
+    let _west =
+        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
+    eventually(
+        "the guest RUNNING on east-1 and west-1 READY",
+        Duration::from_secs(60),
+        async || {
+            let west = gql(
+                &hub,
+                r#"{ cluster(name: "west-1") { health syncEndpoint } }"#,
+                json!({}),
+            )
+            .await;
+            vm_phase(&hub, "east-1", "mover").await.as_deref() == Some("RUNNING")
+                && west["data"]["cluster"]["health"] == "READY"
+                && west["data"]["cluster"]["syncEndpoint"].is_string()
+        },
+    )
+    .await;
+    eventually("the guest counting", Duration::from_secs(60), async || {
+        guest_console(&source_vm).0.is_some_and(|n| n >= 20)
+    })
+    .await;
+
+    // east-1 -> west-1
+    let m = migrate(&hub, "mover", "east-1", "west-1").await;
+    assert_eq!(m["phase"], "SUCCEEDED", "{m}");
+    let phases: Vec<&str> = m["phaseTimestamps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "PENDING",
+        "SCHEDULED",
+        "PREPARING_TARGET",
+        "TARGET_READY",
+        "RUNNING",
+        "SUCCEEDED",
+    ] {
+        assert!(
+            phases.contains(&expected),
+            "phase {expected} recorded: {phases:?}"
+        );
+    }
+    assert!(
+        !source_vm.exists(),
+        "the source VM is removed after switchover"
+    );
+    assert!(
+        QemuReaper::running(east_dir.path()).is_empty(),
+        "no QEMU left on the source"
+    );
+    let target_vm = west_dir.path().join("vms/web/mover");
+    assert_eq!(
+        QemuReaper::running(west_dir.path()).len(),
+        1,
+        "exactly one copy runs"
+    );
+
+    // The guest kept counting on the target, without booting again: its counter carries on
+    // from where it was on the source (a reboot would start again at 0 and print a banner).
+    eventually(
+        "the guest counting on the target",
+        Duration::from_secs(30),
+        async || guest_console(&target_vm).0.is_some(),
+    )
+    .await;
+    let (first_on_target, banners) = guest_console(&target_vm);
+    assert_eq!(
+        banners, 0,
+        "the target never booted the guest: it resumed it"
+    );
+    let first = first_on_target.unwrap();
+    assert!(
+        first >= 20,
+        "the counter continued from the source's ({first})"
+    );
+    eventually(
+        "the guest counting on the target",
+        Duration::from_secs(30),
+        async || guest_console(&target_vm).0 > Some(first + 20),
+    )
+    .await;
+    eventually(
+        "the hub sees the VM on west-1 only",
+        Duration::from_secs(30),
+        async || {
+            vm_phase(&hub, "west-1", "mover").await.as_deref() == Some("RUNNING")
+                && vm_phase(&hub, "east-1", "mover").await.is_none()
+        },
+    )
+    .await;
+    // Every record written before and during the migration is on the target's disk.
+    disk_has_records(&target_vm.join("disk-root.qcow2"), first);
+
+    // And back: west-1 -> east-1.
+    let back = migrate(&hub, "mover", "west-1", "east-1").await;
+    assert_eq!(back["phase"], "SUCCEEDED", "{back}");
+    assert!(!target_vm.exists());
+    assert_eq!(QemuReaper::running(east_dir.path()).len(), 1);
+    assert!(QemuReaper::running(west_dir.path()).is_empty());
+    let history = gql(
+        &hub,
+        r#"{ migrations(first: 10) { edges { node { phase sourceClusterName targetClusterName } } } }"#,
+        json!({}),
+    )
+    .await;
+    let moves: Vec<(String, String, String)> = history["data"]["migrations"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{history}"))
+        .iter()
+        .map(|e| {
+            let n = &e["node"];
+            let s = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
+            (s("phase"), s("sourceClusterName"), s("targetClusterName"))
+        })
+        .collect();
+    assert_eq!(moves.len(), 2, "the VM's migration history: {history}");
+    assert!(moves.iter().all(|m| m.0 == "SUCCEEDED"), "{moves:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_target() {
+    let guest = test_guest();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
+    // 32 MiB of memory the guest keeps rewriting, moved at 1 MiB/s: the transfer takes long
+    // enough to be interrupted.
+    let source_vm = declare_with(
+        east_dir.path(),
+        &guest,
+        "slow",
+        "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=32",
+    );
+    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
+    let http = reqwest::Client::new();
+    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
+    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
+    let _east = AgentProcess::start_with_args(
+        east_dir.path(),
+        &hub.agents,
+        Some(("east-1", &east_token)),
+        &["--bandwidth-per-migration", "1048576"],
+    )
+    .await;
+    let mut west =
+        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
+    eventually(
+        "the guest RUNNING and west-1 READY",
+        Duration::from_secs(60),
+        async || {
+            let w = gql(&hub, r#"{ cluster(name: "west-1") { health } }"#, json!({})).await;
+            vm_phase(&hub, "east-1", "slow").await.as_deref() == Some("RUNNING")
+                && w["data"]["cluster"]["health"] == "READY"
+        },
+    )
+    .await;
+    let receiving = async || !QemuReaper::running(west_dir.path()).is_empty();
+    let phase = async |id: &str| {
+        gql(&hub, MIGRATION, json!({"id": id})).await["data"]["migration"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // Cancel mid-transfer.
+    let id = start_migration(&hub, "slow", "east-1", "west-1").await;
+    eventually(
+        "the transfer running",
+        Duration::from_secs(60),
+        async || phase(&id).await == "RUNNING" && receiving().await,
+    )
+    .await;
+    let cancelled = gql(
+        &hub,
+        "mutation($id: ID!) { cancelMigration(id: $id) { phase failureReason } }",
+        json!({"id": id}),
+    )
+    .await;
+    assert_eq!(
+        cancelled["data"]["cancelMigration"]["phase"], "FAILED",
+        "{cancelled}"
+    );
+    assert!(cancelled["data"]["cancelMigration"]["failureReason"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled"));
+    eventually(
+        "nothing left on the target",
+        Duration::from_secs(60),
+        async || {
+            QemuReaper::running(west_dir.path()).is_empty()
+                && !west_dir.path().join("vms/web/slow").exists()
+        },
+    )
+    .await;
+    assert_eq!(
+        QemuReaper::running(east_dir.path()).len(),
+        1,
+        "one copy, on the source"
+    );
+    let before = guest_console(&source_vm).0;
+    eventually(
+        "the source keeps counting",
+        Duration::from_secs(30),
+        async || guest_console(&source_vm).0 > before,
+    )
+    .await;
+    assert_eq!(
+        vm_phase(&hub, "east-1", "slow").await.as_deref(),
+        Some("RUNNING")
+    );
+
+    // kill -9 the target agent mid-transfer: the migration fails, the source keeps running, and
+    // the restarted target agent removes what was left.
+    let id = start_migration(&hub, "slow", "east-1", "west-1").await;
+    eventually(
+        "the second transfer running",
+        Duration::from_secs(60),
+        async || phase(&id).await == "RUNNING" && receiving().await,
+    )
+    .await;
+    west.kill9().await;
+    let ended = wait_for_end(&hub, &id).await;
+    assert_eq!(ended["phase"], "FAILED", "{ended}");
+    assert_eq!(QemuReaper::running(east_dir.path()).len(), 1);
+    let before = guest_console(&source_vm).0;
+    eventually(
+        "the source keeps counting after the failure",
+        Duration::from_secs(30),
+        async || guest_console(&source_vm).0 > before,
+    )
+    .await;
+    let _west = AgentProcess::start(west_dir.path(), &hub.agents, None).await;
+    eventually(
+        "the restarted target cleaned up",
+        Duration::from_secs(60),
+        async || {
+            QemuReaper::running(west_dir.path()).is_empty()
+                && !west_dir.path().join("vms/web/slow").exists()
+        },
+    )
+    .await;
+    eventually(
+        "the hub sees the VM on east-1 only",
+        Duration::from_secs(30),
+        async || {
+            vm_phase(&hub, "east-1", "slow").await.as_deref() == Some("RUNNING")
+                && vm_phase(&hub, "west-1", "slow").await.is_none()
+        },
+    )
+    .await;
+}
