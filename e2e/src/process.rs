@@ -136,12 +136,14 @@ impl AgentProcess {
     ) -> AgentProcess {
         let mut cmd = Command::new(binary("drover-agent").unwrap());
         cmd.args(extra);
+        if !extra.contains(&"--sync-listen") {
+            cmd.args(["--sync-listen", "127.0.0.1:0"]);
+        }
         cmd.arg("--hub")
             .arg(hub)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--runtime", "qemu", "--accel", "tcg"])
-            .args(["--sync-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -229,4 +231,59 @@ pub fn guest_console(vm_dir: &Path) -> (Option<u64>, usize) {
             .ok()
     });
     (last, log.matches("drover-guest: up").count())
+}
+
+/// A TCP proxy on loopback that a test can cut: every connection through it is closed and new
+/// ones are refused from then on (a network cut between two agents).
+pub struct CuttableProxy {
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let mut rx = cut_rx.clone();
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { return };
+                        if *cut_rx.borrow() {
+                            continue; // dropped: refused
+                        }
+                        let mut rx = cut_rx.clone();
+                        connections.spawn(async move {
+                            let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = async { let _ = rx.wait_for(|c| *c).await; } => {}
+                            }
+                        });
+                    }
+                    _ = async { let _ = rx.wait_for(|c| *c).await; } => {
+                        connections.abort_all();
+                        // Keep refusing: accept and drop whatever comes.
+                        while let Ok((s, _)) = listener.accept().await {
+                            drop(s);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            cut,
+            _task: task,
+        })
+    }
+
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drover_e2e::agents::eventually;
-use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::process::{guest_console, AgentProcess, CuttableProxy, HubProcess, QemuReaper};
 use drover_e2e::testbed::test_guest;
 use serde_json::{json, Value};
 
@@ -397,4 +397,101 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_cut_between_the_agents_fails_cleanly() {
+    let guest = test_guest();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
+    let source_vm = declare_with(
+        east_dir.path(),
+        &guest,
+        "cut",
+        "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=32",
+    );
+    // west's sync endpoint is reached through a proxy the test can cut.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = CuttableProxy::start(listen.parse().unwrap()).await.unwrap();
+    let advertise = proxy.addr.to_string();
+    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
+    let http = reqwest::Client::new();
+    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
+    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
+    let _east = AgentProcess::start_with_args(
+        east_dir.path(),
+        &hub.agents,
+        Some(("east-1", &east_token)),
+        &["--bandwidth-per-migration", "1048576"],
+    )
+    .await;
+    let _west = AgentProcess::start_with_args(
+        west_dir.path(),
+        &hub.agents,
+        Some(("west-1", &west_token)),
+        &["--sync-listen", &listen, "--sync-advertise", &advertise],
+    )
+    .await;
+    eventually(
+        "the guest RUNNING and west-1 READY",
+        Duration::from_secs(60),
+        async || {
+            let w = gql(&hub, r#"{ cluster(name: "west-1") { health } }"#, json!({})).await;
+            vm_phase(&hub, "east-1", "cut").await.as_deref() == Some("RUNNING")
+                && w["data"]["cluster"]["health"] == "READY"
+        },
+    )
+    .await;
+    let id = start_migration(&hub, "cut", "east-1", "west-1").await;
+    eventually(
+        "the transfer running",
+        Duration::from_secs(60),
+        async || {
+            let m = gql(&hub, MIGRATION, json!({"id": id})).await;
+            m["data"]["migration"]["phase"] == "RUNNING"
+                && !QemuReaper::running(west_dir.path()).is_empty()
+        },
+    )
+    .await;
+    proxy.cut();
+    let ended = wait_for_end(&hub, &id).await;
+    assert_eq!(ended["phase"], "FAILED", "{ended}");
+    assert!(
+        !ended["failureReason"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{ended}"
+    );
+    eventually(
+        "nothing left on the target",
+        Duration::from_secs(60),
+        async || {
+            QemuReaper::running(west_dir.path()).is_empty()
+                && !west_dir.path().join("vms/web/cut").exists()
+        },
+    )
+    .await;
+    assert_eq!(
+        QemuReaper::running(east_dir.path()).len(),
+        1,
+        "one copy, on the source"
+    );
+    let before = guest_console(&source_vm).0;
+    eventually(
+        "the source keeps counting",
+        Duration::from_secs(30),
+        async || guest_console(&source_vm).0 > before,
+    )
+    .await;
+    assert_eq!(
+        vm_phase(&hub, "east-1", "cut").await.as_deref(),
+        Some("RUNNING")
+    );
 }
