@@ -495,3 +495,71 @@ async fn a_network_cut_between_the_agents_fails_cleanly() {
         Some("RUNNING")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_dirtying_faster_than_the_link_fails_with_the_reason() {
+    let guest = test_guest();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
+    declare_with(
+        east_dir.path(),
+        &guest,
+        "busy",
+        "drover.dirty_mib_per_s=16 drover.dirty_buffer_mib=32",
+    );
+    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
+    let http = reqwest::Client::new();
+    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
+    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
+    // 4 MiB/s for a guest rewriting 16 MiB/s, neither auto-converge nor post-copy allowed.
+    let _east = AgentProcess::start_with_args(
+        east_dir.path(),
+        &hub.agents,
+        Some(("east-1", &east_token)),
+        &[
+            "--bandwidth-per-migration",
+            "4194304",
+            "--progress-timeout-secs",
+            "3",
+        ],
+    )
+    .await;
+    let _west =
+        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
+    eventually(
+        "the guest RUNNING and west-1 READY",
+        Duration::from_secs(60),
+        async || {
+            let w = gql(&hub, r#"{ cluster(name: "west-1") { health } }"#, json!({})).await;
+            vm_phase(&hub, "east-1", "busy").await.as_deref() == Some("RUNNING")
+                && w["data"]["cluster"]["health"] == "READY"
+        },
+    )
+    .await;
+    let m = migrate(&hub, "busy", "east-1", "west-1").await;
+    assert_eq!(m["phase"], "FAILED", "{m}");
+    let reason = m["failureReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("faster than the link") && reason.contains("auto-converge"),
+        "the reason says why: {reason}"
+    );
+    eventually(
+        "nothing left on the target",
+        Duration::from_secs(60),
+        async || {
+            QemuReaper::running(west_dir.path()).is_empty()
+                && !west_dir.path().join("vms/web/busy").exists()
+        },
+    )
+    .await;
+    assert_eq!(
+        QemuReaper::running(east_dir.path()).len(),
+        1,
+        "one copy, on the source"
+    );
+    assert_eq!(
+        vm_phase(&hub, "east-1", "busy").await.as_deref(),
+        Some("RUNNING")
+    );
+}

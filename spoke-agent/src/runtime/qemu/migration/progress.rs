@@ -108,6 +108,16 @@ impl ProgressTracker {
                 self.pass_counts
             }
         };
+        // A disk copy that has nothing left, or still moves bytes (mirrored guest writes), is
+        // not stalled: it waits for QEMU to call the mirror ready.
+        let disk_moving = sample.stage == Stage::Disks
+            && (sample.remaining == 0
+                || self
+                    .previous
+                    .is_some_and(|p| sample.transferred > p.transferred));
+        if disk_moving {
+            self.last_progress = now;
+        }
         if lows_count
             && self
                 .best_remaining
