@@ -521,7 +521,7 @@ async fn a_guest_dirtying_faster_than_the_link_fails_with_the_reason() {
             "--bandwidth-per-migration",
             "4194304",
             "--progress-timeout-secs",
-            "3",
+            "10",
         ],
     )
     .await;
