@@ -23,6 +23,21 @@ use crate::sessions::Sessions;
 use crate::store::entities::{cluster, migration, node, vm};
 use crate::store::{Store, StoreError};
 
+/// Phases before the target is asked for anything.
+const BEFORE_TARGET: [MigrationPhase; 3] = [
+    MigrationPhase::Pending,
+    MigrationPhase::Scheduling,
+    MigrationPhase::Scheduled,
+];
+/// Phases before the send goes out: a cancel then ends the migration at once.
+const BEFORE_SEND: [MigrationPhase; 5] = [
+    MigrationPhase::Pending,
+    MigrationPhase::Scheduling,
+    MigrationPhase::Scheduled,
+    MigrationPhase::PreparingTarget,
+    MigrationPhase::TargetReady,
+];
+
 /// How long the target may take to get ready.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Added to the completion timeout for switchover and cleanup.
@@ -333,9 +348,12 @@ impl Migrations {
     }
 
     /// Moves `id` to `phase` if it is still in flight; false when something else ended it.
+    /// Moves `id` to `phase` if it is in one of `from` (a conditional update: of two racing
+    /// writers, exactly one wins); false when it was not.
     async fn advance(
         &self,
         id: Uuid,
+        from: &[MigrationPhase],
         phase: MigrationPhase,
         failure: Option<String>,
     ) -> Result<bool, StoreError> {
@@ -350,14 +368,12 @@ impl Migrations {
             .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
             .col_expr(migration::Column::UpdatedAt, now.into())
             .filter(migration::Column::Id.eq(id))
-            .filter(
-                migration::Column::Phase
-                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
-            );
+            .filter(migration::Column::Phase.is_in(from.iter().map(|p| p.as_str())));
         if done {
             update = update.col_expr(migration::Column::FinishedAt, Some(now).into());
         }
-        if let Some(reason) = &failure {
+        // The first reason stands (an operator's cancel explains the failure that follows).
+        if let Some(reason) = failure.as_ref().filter(|_| row.failure_reason.is_none()) {
             update = update.col_expr(
                 migration::Column::FailureReason,
                 Some(reason.clone()).into(),
@@ -425,6 +441,11 @@ impl Migrations {
                 MigrationPhase::Pending
                 | MigrationPhase::Scheduling
                 | MigrationPhase::Scheduled => {
+                    self.advance(id, &BEFORE_TARGET, MigrationPhase::PreparingTarget, None)
+                        .await?;
+                }
+                MigrationPhase::PreparingTarget => {
+                    // Idempotent: after a hub restart this finds the command already stored.
                     self.submit(
                         &row.target_cluster_name,
                         &format!("{id}/prepare-receiver"),
@@ -439,17 +460,19 @@ impl Migrations {
                         },
                     )
                     .await?;
-                    self.advance(id, MigrationPhase::PreparingTarget, None)
-                        .await?;
-                }
-                MigrationPhase::PreparingTarget => {
                     let key = format!("{id}/prepare-receiver");
                     match self
                         .outcome(&row.target_cluster_name, &key, PREPARE_TIMEOUT)
                         .await?
                     {
                         Some(c) if c.state == CommandState::Succeeded => {
-                            self.advance(id, MigrationPhase::TargetReady, None).await?;
+                            self.advance(
+                                id,
+                                &[MigrationPhase::PreparingTarget],
+                                MigrationPhase::TargetReady,
+                                None,
+                            )
+                            .await?;
                         }
                         Some(c) => {
                             self.fail(
@@ -501,6 +524,18 @@ impl Migrations {
                         completion_timeout_per_gib: config.completion_timeout_per_gib,
                         progress_timeout_secs: config.progress_timeout,
                     };
+                    // Running first: a cancel that wins the race keeps the send from going out.
+                    if !self
+                        .advance(
+                            id,
+                            &[MigrationPhase::TargetReady],
+                            MigrationPhase::Running,
+                            None,
+                        )
+                        .await?
+                    {
+                        continue;
+                    }
                     self.submit(
                         &row.source_cluster_name,
                         &format!("{id}/send"),
@@ -518,14 +553,34 @@ impl Migrations {
                         },
                     )
                     .await?;
-                    self.advance(id, MigrationPhase::Running, None).await?;
                 }
                 MigrationPhase::Running => {
                     let key = format!("{id}/send");
+                    if self
+                        .commands
+                        .get(&row.source_cluster_name, &key)
+                        .await?
+                        .is_none()
+                    {
+                        // The hub stopped between Running and storing the send: it never went
+                        // out, so the source never moved anything.
+                        self.fail(
+                            &row,
+                            "the send was never dispatched (the hub restarted); the source keeps running".into(),
+                        )
+                        .await?;
+                        continue;
+                    }
                     let limit = self.completion_limit(&row).await? + SEND_MARGIN;
                     match self.outcome(&row.source_cluster_name, &key, limit).await? {
                         Some(c) if c.state == CommandState::Succeeded => {
-                            self.advance(id, MigrationPhase::Succeeded, None).await?;
+                            self.advance(
+                                id,
+                                &[MigrationPhase::Running],
+                                MigrationPhase::Succeeded,
+                                None,
+                            )
+                            .await?;
                         }
                         Some(c) => {
                             self.fail(
@@ -577,7 +632,12 @@ impl Migrations {
     /// running: before switchover it is authoritative).
     async fn fail(&self, row: &migration::Model, reason: String) -> Result<(), StoreError> {
         if self
-            .advance(row.id, MigrationPhase::Failed, Some(reason))
+            .advance(
+                row.id,
+                &MigrationPhase::IN_FLIGHT,
+                MigrationPhase::Failed,
+                Some(reason),
+            )
             .await?
         {
             self.cleanup(row).await?;
@@ -612,13 +672,29 @@ impl Migrations {
                 row.phase
             )));
         }
+        // Before the send: the hub ends it here, and the send never goes out.
+        let reason = format!("cancelled by {actor}");
+        if self
+            .advance(id, &BEFORE_SEND, MigrationPhase::Failed, Some(reason))
+            .await?
+        {
+            self.cleanup(&row).await?;
+            return Ok(());
+        }
+        // Sending: the source stops the transfer (unless the switchover already began, which
+        // cannot be undone), and the send's outcome ends the migration; the reason is recorded
+        // now so that the failure that follows says why.
+        migration::Entity::update_many()
+            .col_expr(
+                migration::Column::FailureReason,
+                Some(format!("cancelled by {actor}")).into(),
+            )
+            .filter(migration::Column::Id.eq(id))
+            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
+            .filter(migration::Column::FailureReason.is_null())
+            .exec(&self.store.db)
+            .await?;
         self.cleanup(&row).await?;
-        self.advance(
-            id,
-            MigrationPhase::Failed,
-            Some(format!("cancelled by {actor}")),
-        )
-        .await?;
         Ok(())
     }
 }
