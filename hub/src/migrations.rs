@@ -372,6 +372,13 @@ impl Migrations {
         if done {
             update = update.col_expr(migration::Column::FinishedAt, Some(now).into());
         }
+        if phase == MigrationPhase::Succeeded {
+            // A cancel that came too late (the switchover was under way) explains nothing.
+            update = update.col_expr(
+                migration::Column::FailureReason,
+                Option::<String>::None.into(),
+            );
+        }
         // The first reason stands (an operator's cancel explains the failure that follows).
         if let Some(reason) = failure.as_ref().filter(|_| row.failure_reason.is_none()) {
             update = update.col_expr(
