@@ -31,16 +31,7 @@ async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
     }
 }
 
-fn declare(data_dir: &Path, guest: &Path, name: &str) -> PathBuf {
-    declare_with(
-        data_dir,
-        guest,
-        name,
-        "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=8",
-    )
-}
-
-fn declare_with(data_dir: &Path, guest: &Path, name: &str, knobs: &str) -> PathBuf {
+fn declare(data_dir: &Path, guest: &Path, name: &str, knobs: &str) -> PathBuf {
     let dir = data_dir.join("vms/web").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let spec = json!({
@@ -129,45 +120,89 @@ fn disk_has_records(disk: &Path, upto: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
+/// A hub and two agents (east-1 with the guest `vm` declared, west-1 empty) as real processes,
+/// ready: the guest runs and west-1 is Ready with its sync endpoint. Fields drop in order: the
+/// reaper kills the guests before their directories go.
+struct Fleet {
+    _reaper: QemuReaper,
+    _east: AgentProcess,
+    west: AgentProcess,
+    hub: HubProcess,
+    source_vm: PathBuf,
+    east_dir: tempfile::TempDir,
+    west_dir: tempfile::TempDir,
+    _hub_dir: tempfile::TempDir,
+}
+
+async fn fleet(vm: &str, knobs: &str, east_args: &[&str], west_args: &[&str]) -> Fleet {
     let guest = test_guest();
     let hub_dir = tempfile::tempdir().unwrap();
     let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    let source_vm = declare(east_dir.path(), &guest, "mover");
-
+    let reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
+    let source_vm = declare(east_dir.path(), &guest, vm, knobs);
     let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
     let http = reqwest::Client::new();
     let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
     let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
-    let _east =
-        AgentProcess::start(east_dir.path(), &hub.agents, Some(("east-1", &east_token))).await;
-    let _west =
-        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
+    let east = AgentProcess::start_with_args(
+        east_dir.path(),
+        &hub.agents,
+        Some(("east-1", &east_token)),
+        east_args,
+    )
+    .await;
+    let west = AgentProcess::start_with_args(
+        west_dir.path(),
+        &hub.agents,
+        Some(("west-1", &west_token)),
+        west_args,
+    )
+    .await;
     eventually(
-        "the guest RUNNING on east-1 and west-1 READY",
+        "the guest RUNNING and west-1 READY",
         Duration::from_secs(60),
         async || {
-            let west = gql(
+            let w = gql(
                 &hub,
                 r#"{ cluster(name: "west-1") { health syncEndpoint } }"#,
                 json!({}),
             )
             .await;
-            vm_phase(&hub, "east-1", "mover").await.as_deref() == Some("RUNNING")
-                && west["data"]["cluster"]["health"] == "READY"
-                && west["data"]["cluster"]["syncEndpoint"].is_string()
+            vm_phase(&hub, "east-1", vm).await.as_deref() == Some("RUNNING")
+                && w["data"]["cluster"]["health"] == "READY"
+                && w["data"]["cluster"]["syncEndpoint"].is_string()
         },
     )
     .await;
+    Fleet {
+        _reaper: reaper,
+        _east: east,
+        west,
+        hub,
+        source_vm,
+        east_dir,
+        west_dir,
+        _hub_dir: hub_dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
+    let f = fleet(
+        "mover",
+        "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=8",
+        &[],
+        &[],
+    )
+    .await;
+    let (hub, east_dir, west_dir, source_vm) = (&f.hub, &f.east_dir, &f.west_dir, &f.source_vm);
     eventually("the guest counting", Duration::from_secs(60), async || {
-        guest_console(&source_vm).0.is_some_and(|n| n >= 20)
+        guest_console(source_vm).0.is_some_and(|n| n >= 20)
     })
     .await;
 
     // east-1 -> west-1
-    let m = migrate(&hub, "mover", "east-1", "west-1").await;
+    let m = migrate(hub, "mover", "east-1", "west-1").await;
     assert_eq!(m["phase"], "SUCCEEDED", "{m}");
     let phases: Vec<&str> = m["phaseTimestamps"]
         .as_array()
@@ -231,8 +266,8 @@ async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
         "the hub sees the VM on west-1 only",
         Duration::from_secs(30),
         async || {
-            vm_phase(&hub, "west-1", "mover").await.as_deref() == Some("RUNNING")
-                && vm_phase(&hub, "east-1", "mover").await.is_none()
+            vm_phase(hub, "west-1", "mover").await.as_deref() == Some("RUNNING")
+                && vm_phase(hub, "east-1", "mover").await.is_none()
         },
     )
     .await;
@@ -240,13 +275,13 @@ async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
     disk_has_records(&target_vm.join("disk-root.qcow2"), first);
 
     // And back: west-1 -> east-1.
-    let back = migrate(&hub, "mover", "west-1", "east-1").await;
+    let back = migrate(hub, "mover", "west-1", "east-1").await;
     assert_eq!(back["phase"], "SUCCEEDED", "{back}");
     assert!(!target_vm.exists());
     assert_eq!(QemuReaper::running(east_dir.path()).len(), 1);
     assert!(QemuReaper::running(west_dir.path()).is_empty());
     let history = gql(
-        &hub,
+        hub,
         r#"{ migrations(first: 10) { edges { node { phase sourceClusterName targetClusterName } } } }"#,
         json!({}),
     )
@@ -267,51 +302,24 @@ async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_target() {
-    let guest = test_guest();
-    let hub_dir = tempfile::tempdir().unwrap();
-    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    // 32 MiB of memory the guest keeps rewriting, moved at 1 MiB/s: the transfer takes long
-    // enough to be interrupted.
-    let source_vm = declare_with(
-        east_dir.path(),
-        &guest,
+    let mut f = fleet(
         "slow",
         "drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=32",
-    );
-    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
-    let http = reqwest::Client::new();
-    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
-    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
-    let _east = AgentProcess::start_with_args(
-        east_dir.path(),
-        &hub.agents,
-        Some(("east-1", &east_token)),
         &["--bandwidth-per-migration", "1048576"],
+        &[],
     )
     .await;
-    let mut west =
-        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
-    eventually(
-        "the guest RUNNING and west-1 READY",
-        Duration::from_secs(60),
-        async || {
-            let w = gql(&hub, r#"{ cluster(name: "west-1") { health } }"#, json!({})).await;
-            vm_phase(&hub, "east-1", "slow").await.as_deref() == Some("RUNNING")
-                && w["data"]["cluster"]["health"] == "READY"
-        },
-    )
-    .await;
+    let (hub, east_dir, west_dir, source_vm) = (&f.hub, &f.east_dir, &f.west_dir, &f.source_vm);
     let receiving = async || !QemuReaper::running(west_dir.path()).is_empty();
     let phase = async |id: &str| {
-        gql(&hub, MIGRATION, json!({"id": id})).await["data"]["migration"]["phase"]
+        gql(hub, MIGRATION, json!({"id": id})).await["data"]["migration"]["phase"]
             .as_str()
             .unwrap_or_default()
             .to_owned()
     };
 
     // Cancel mid-transfer.
-    let id = start_migration(&hub, "slow", "east-1", "west-1").await;
+    let id = start_migration(hub, "slow", "east-1", "west-1").await;
     eventually(
         "the transfer running",
         Duration::from_secs(60),
@@ -319,7 +327,7 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
     )
     .await;
     let cancelled = gql(
-        &hub,
+        hub,
         "mutation($id: ID!) { cancelMigration(id: $id) { phase failureReason } }",
         json!({"id": id}),
     )
@@ -329,7 +337,7 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
         cancelled["data"]["cancelMigration"]["failureReason"], "cancelled by anonymous",
         "{cancelled}"
     );
-    let ended = wait_for_end(&hub, &id).await;
+    let ended = wait_for_end(hub, &id).await;
     assert_eq!(ended["phase"], "FAILED", "{ended}");
     assert_eq!(ended["failureReason"], "cancelled by anonymous", "{ended}");
     eventually(
@@ -346,38 +354,38 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
         1,
         "one copy, on the source"
     );
-    let before = guest_console(&source_vm).0;
+    let before = guest_console(source_vm).0;
     eventually(
         "the source keeps counting",
         Duration::from_secs(30),
-        async || guest_console(&source_vm).0 > before,
+        async || guest_console(source_vm).0 > before,
     )
     .await;
     eventually(
         "the hub sees slow RUNNING on the source again",
         Duration::from_secs(30),
-        async || vm_phase(&hub, "east-1", "slow").await.as_deref() == Some("RUNNING"),
+        async || vm_phase(hub, "east-1", "slow").await.as_deref() == Some("RUNNING"),
     )
     .await;
 
     // kill -9 the target agent mid-transfer: the migration fails, the source keeps running, and
     // the restarted target agent removes what was left.
-    let id = start_migration(&hub, "slow", "east-1", "west-1").await;
+    let id = start_migration(hub, "slow", "east-1", "west-1").await;
     eventually(
         "the second transfer running",
         Duration::from_secs(60),
         async || phase(&id).await == "RUNNING" && receiving().await,
     )
     .await;
-    west.kill9().await;
-    let ended = wait_for_end(&hub, &id).await;
+    f.west.kill9().await;
+    let ended = wait_for_end(hub, &id).await;
     assert_eq!(ended["phase"], "FAILED", "{ended}");
     assert_eq!(QemuReaper::running(east_dir.path()).len(), 1);
-    let before = guest_console(&source_vm).0;
+    let before = guest_console(source_vm).0;
     eventually(
         "the source keeps counting after the failure",
         Duration::from_secs(30),
-        async || guest_console(&source_vm).0 > before,
+        async || guest_console(source_vm).0 > before,
     )
     .await;
     let _west = AgentProcess::start(west_dir.path(), &hub.agents, None).await;
@@ -394,8 +402,8 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
         "the hub sees the VM on east-1 only",
         Duration::from_secs(30),
         async || {
-            vm_phase(&hub, "east-1", "slow").await.as_deref() == Some("RUNNING")
-                && vm_phase(&hub, "west-1", "slow").await.is_none()
+            vm_phase(hub, "east-1", "slow").await.as_deref() == Some("RUNNING")
+                && vm_phase(hub, "west-1", "slow").await.is_none()
         },
     )
     .await;
@@ -407,7 +415,7 @@ async fn a_network_cut_between_the_agents_fails_cleanly() {
     let hub_dir = tempfile::tempdir().unwrap();
     let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    let source_vm = declare_with(
+    let source_vm = declare(
         east_dir.path(),
         &guest,
         "cut",
@@ -502,46 +510,20 @@ async fn a_network_cut_between_the_agents_fails_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_dirtying_faster_than_the_link_fails_with_the_reason() {
-    let guest = test_guest();
-    let hub_dir = tempfile::tempdir().unwrap();
-    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    declare_with(
-        east_dir.path(),
-        &guest,
+    let f = fleet(
         "busy",
         "drover.dirty_mib_per_s=16 drover.dirty_buffer_mib=32",
-    );
-    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
-    let http = reqwest::Client::new();
-    let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
-    let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
-    // 4 MiB/s for a guest rewriting 16 MiB/s, neither auto-converge nor post-copy allowed.
-    let _east = AgentProcess::start_with_args(
-        east_dir.path(),
-        &hub.agents,
-        Some(("east-1", &east_token)),
         &[
             "--bandwidth-per-migration",
             "4194304",
             "--progress-timeout-secs",
             "10",
         ],
+        &[],
     )
     .await;
-    let _west =
-        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
-    eventually(
-        "the guest RUNNING and west-1 READY",
-        Duration::from_secs(60),
-        async || {
-            let w = gql(&hub, r#"{ cluster(name: "west-1") { health } }"#, json!({})).await;
-            vm_phase(&hub, "east-1", "busy").await.as_deref() == Some("RUNNING")
-                && w["data"]["cluster"]["health"] == "READY"
-        },
-    )
-    .await;
-    let m = migrate(&hub, "busy", "east-1", "west-1").await;
+    let (hub, east_dir, west_dir, _) = (&f.hub, &f.east_dir, &f.west_dir, &f.source_vm);
+    let m = migrate(hub, "busy", "east-1", "west-1").await;
     assert_eq!(m["phase"], "FAILED", "{m}");
     let reason = m["failureReason"].as_str().unwrap_or_default();
     assert!(
@@ -565,7 +547,7 @@ async fn a_guest_dirtying_faster_than_the_link_fails_with_the_reason() {
     eventually(
         "the hub sees busy RUNNING on the source again",
         Duration::from_secs(30),
-        async || vm_phase(&hub, "east-1", "busy").await.as_deref() == Some("RUNNING"),
+        async || vm_phase(hub, "east-1", "busy").await.as_deref() == Some("RUNNING"),
     )
     .await;
 }
