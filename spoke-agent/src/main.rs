@@ -224,6 +224,7 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
     let migrations = MigrationController::new(
         Arc::new(QemuMigrations {
             runtime: runtime.clone(),
+            vms_dir: common.data_dir.join("vms"),
         }),
         sync.clone(),
         peer_identity,

@@ -54,14 +54,11 @@ impl CommandHandler for qemu::QemuRuntime {
     }
 }
 
-/// A step's outcome as the migration controller takes it.
-fn unit(result: Result<String, qemu::RuntimeError>) -> Result<(), String> {
-    result.map(|_| ()).map_err(|e| e.to_string())
-}
-
 /// The qemu runtime's migration steps, for the agent's migration controller.
 pub struct QemuMigrations {
     pub runtime: std::sync::Arc<qemu::QemuRuntime>,
+    /// `<data_dir>/vms`, where declared specs live.
+    pub vms_dir: std::path::PathBuf,
 }
 
 impl crate::migrate::MigrationRuntime for QemuMigrations {
@@ -70,17 +67,41 @@ impl crate::migrate::MigrationRuntime for QemuMigrations {
         namespace: &str,
         name: &str,
     ) -> Result<drover_shared::commands::VmSpec, String> {
-        self.runtime
-            .declared_spec(namespace, name)
-            .map_err(|e| e.to_string())
+        let path = self.vms_dir.join(namespace).join(name).join("vm.json");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("no virtual machine {namespace}/{name} here ({e})"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{} is unreadable: {e}", path.display()))
     }
 
     fn has_vm(&self, namespace: &str, name: &str) -> bool {
-        self.runtime.holds(namespace, name)
+        self.vms_dir.join(namespace).join(name).exists()
     }
 
     fn receiver_of(&self, migration: drover_shared::MigrationId) -> Option<(String, String)> {
-        self.runtime.receiver_of(&migration.to_string())
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Marker {
+            migration_id: String,
+            role: String,
+        }
+        let wanted = migration.to_string();
+        for ns in std::fs::read_dir(&self.vms_dir).ok()?.flatten() {
+            for vm in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let Ok(bytes) = std::fs::read(vm.path().join("migration.json")) else {
+                    continue;
+                };
+                let Ok(marker) = serde_json::from_slice::<Marker>(&bytes) else {
+                    continue;
+                };
+                if marker.migration_id == wanted && marker.role == "receiver" {
+                    return Some((
+                        ns.file_name().to_string_lossy().into_owned(),
+                        vm.file_name().to_string_lossy().into_owned(),
+                    ));
+                }
+            }
+        }
+        None
     }
 
     async fn prepare_receiver(
@@ -155,15 +176,27 @@ impl crate::migrate::MigrationRuntime for QemuMigrations {
     }
 
     async fn finish_receiver(&self, namespace: &str, name: &str) -> Result<(), String> {
-        unit(self.runtime.finish_receiver(namespace, name).await)
+        self.runtime
+            .finish_receiver(namespace, name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn finish_sender(&self, namespace: &str, name: &str) -> Result<(), String> {
-        unit(self.runtime.finish_sender(namespace, name).await)
+        self.runtime
+            .finish_sender(namespace, name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn resume_sender(&self, namespace: &str, name: &str) -> Result<(), String> {
-        unit(self.runtime.resume_sender(namespace, name).await)
+        self.runtime
+            .resume_sender(namespace, name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn abort_receiver(&self, namespace: &str, name: &str) {

@@ -323,7 +323,18 @@ impl QemuRuntime {
         let vm = key.to_string();
         let dir = self.dir(&key);
 
-        let (declaring, scan) = self.declarations(&vm).await?;
+        let declaring = tokio::time::timeout(OPERATION_LOCK_TIMEOUT, self.declare_lock.lock())
+            .await
+            .map_err(|_| RuntimeError::Busy {
+                vm: vm.clone(),
+                waited: OPERATION_LOCK_TIMEOUT,
+            })?;
+        let scan = self.scan().await.map_err(|e| RuntimeError::Io {
+            vm: vm.clone(),
+            action: "cannot scan",
+            path: self.vms_root.clone(),
+            source: e,
+        })?;
         if scan.declared.contains_key(&key)
             || dir.spec_file().exists()
             || migration::has_marker(&dir)
@@ -475,59 +486,6 @@ impl QemuRuntime {
 
     fn dir(&self, key: &VmKey) -> VmDir {
         VmDir::new(&self.vms_root, key)
-    }
-
-    /// Holds the declaration lock (no other VM is declared meanwhile) and scans what is
-    /// declared now: the ground on which a new VM's name and MACs are checked.
-    async fn declarations(
-        &self,
-        vm: &str,
-    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, layout::Scan), RuntimeError> {
-        let declaring = tokio::time::timeout(OPERATION_LOCK_TIMEOUT, self.declare_lock.lock())
-            .await
-            .map_err(|_| RuntimeError::Busy {
-                vm: vm.to_owned(),
-                waited: OPERATION_LOCK_TIMEOUT,
-            })?;
-        let scan = self.scan().await.map_err(|e| RuntimeError::Io {
-            vm: vm.to_owned(),
-            action: "cannot scan",
-            path: self.vms_root.clone(),
-            source: e,
-        })?;
-        Ok((declaring, scan))
-    }
-
-    /// The declared spec of `namespace/name`.
-    pub fn declared_spec(&self, namespace: &str, name: &str) -> Result<VmSpec, RuntimeError> {
-        let key = VmKey::checked(namespace, name)?;
-        match layout::read_spec(&self.dir(&key), &key) {
-            Ok(Some(spec)) => Ok(spec),
-            Ok(None) => Err(RuntimeError::NotFound {
-                vm: key.to_string(),
-            }),
-            Err(detail) => Err(RuntimeError::BadDeclaration {
-                vm: key.to_string(),
-                path: self.dir(&key).spec_file(),
-                detail,
-            }),
-        }
-    }
-
-    /// Whether anything (a VM, or a receiver of a migration) holds `namespace/name` here.
-    pub fn holds(&self, namespace: &str, name: &str) -> bool {
-        VmKey::checked(namespace, name).is_ok_and(|key| self.dir(&key).path.exists())
-    }
-
-    /// The receiving VM of `migration_id` left here (by an agent restart), if any.
-    pub fn receiver_of(&self, migration_id: &str) -> Option<(String, String)> {
-        migration::marked_vms(&self.vms_root)
-            .into_iter()
-            .find_map(|key| {
-                let marker = migration::read_marker(&self.dir(&key)).ok()??;
-                (marker.migration_id == migration_id && marker.role == migration::Role::Receiver)
-                    .then(|| (key.namespace.clone(), key.name.clone()))
-            })
     }
 
     async fn scan(&self) -> std::io::Result<layout::Scan> {

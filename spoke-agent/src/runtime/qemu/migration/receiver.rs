@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use super::super::layout::{self, VmDir, VmKey};
 use super::super::qmp::QmpError;
 use super::super::state::TrackedVm;
-use super::super::{check_runnable_here, lock, process, QemuRuntime, RuntimeError};
+use super::super::{
+    check_runnable_here, lock, process, QemuRuntime, RuntimeError, OPERATION_LOCK_TIMEOUT,
+};
 use super::{
     check_migration_id, check_socket_path, commands, disk_node, export_id, marker_file,
     read_marker, remove_marker, remove_stale, write_marker, Marker, MigrationFailure,
@@ -64,7 +66,18 @@ impl QemuRuntime {
             return Err(precondition(format!("QEMU is not usable: {problem}")));
         }
 
-        let (_declaring, scan) = self.declarations(&vm).await?;
+        let _declaring = tokio::time::timeout(OPERATION_LOCK_TIMEOUT, self.declare_lock.lock())
+            .await
+            .map_err(|_| RuntimeError::Busy {
+                vm: vm.clone(),
+                waited: OPERATION_LOCK_TIMEOUT,
+            })?;
+        let scan = self.scan().await.map_err(|e| RuntimeError::Io {
+            vm: vm.clone(),
+            action: "cannot scan",
+            path: self.vms_root.clone(),
+            source: e,
+        })?;
         // A leftover directory may hold someone's disks: never reuse it.
         if scan.declared.contains_key(&key) || dir.path.exists() {
             return Err(RuntimeError::AlreadyExists { vm });
