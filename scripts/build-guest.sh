@@ -70,6 +70,15 @@ buffer=$(arg drover.dirty_buffer_mib 64)
 disk=$(arg drover.disk_writes 0)
 echo "drover-guest: up (kernel $(uname -r), counter every ${period_ms} ms, dirty ${dirty} MiB/s, disk writes ${disk}, disks: $(ls /dev/vd* 2>/dev/null | tr '\n' ' '))"
 if [ "$dirty" -gt 0 ]; then
+  # The buffer lives in RAM: leave the kernel and the counter room, or the guest kills its own
+  # init when memory runs out (and panics, and reboots).
+  avail=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
+  if [ "$buffer" -gt $((avail - 40)) ]; then
+    buffer=$((avail - 40))
+    [ "$buffer" -lt 1 ] && buffer=1
+    echo "drover-guest: dirty buffer cut to ${buffer} MiB (${avail} MiB available)"
+  fi
+  [ "$dirty" -gt "$buffer" ] && dirty=$buffer
   (
     dd if=/dev/zero of=/dirty/buf bs=1M count="$buffer" 2>/dev/null
     pos=0

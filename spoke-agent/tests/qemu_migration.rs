@@ -438,7 +438,13 @@ async fn assert_source_keeps_running(source: &QemuRuntime, source_vm: &Path) {
     )
     .await;
     let (banners, counters) = serial(source_vm);
-    assert_eq!(banners, 1, "the source guest never rebooted");
+    if banners != 1 {
+        let console = std::fs::read_to_string(source_vm.join("serial.log")).unwrap_or_default();
+        let qemu_log = std::fs::read_to_string(source_vm.join("qemu.log")).unwrap_or_default();
+        panic!(
+            "the source guest rebooted ({banners} boot banners)\n--- serial.log ---\n{console}\n--- qemu.log ---\n{qemu_log}"
+        );
+    }
     let expected: Vec<u64> = (counters[0]..counters[0] + counters.len() as u64).collect();
     assert_eq!(counters, expected, "the source's counter never skipped");
 }
