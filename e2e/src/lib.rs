@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod logs;
+pub mod otlp;
 pub mod postgres;
 pub mod process;
 pub mod testbed;

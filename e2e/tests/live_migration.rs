@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drover_e2e::agents::eventually;
+use drover_e2e::otlp::{OtlpReceiver, ReceivedSpan};
 use drover_e2e::process::{guest_console, AgentProcess, CuttableProxy, HubProcess, QemuReaper};
 use drover_e2e::testbed::test_guest;
 use serde_json::{json, Value};
@@ -61,7 +62,7 @@ async fn vm_phase(hub: &HubProcess, cluster: &str, name: &str) -> Option<String>
 }
 
 const MIGRATION: &str = r#"query($id: ID!) { migration(id: $id) {
-  phase failureReason sourceClusterName targetClusterName phaseTimestamps { phase at }
+  id traceId phase failureReason sourceClusterName targetClusterName phaseTimestamps { phase at }
   progress { bytesTotal bytesTransferred }
 } }"#;
 
@@ -120,11 +121,133 @@ fn disk_has_records(disk: &Path, upto: u64) {
     }
 }
 
+/// The spans the hub and both agents exported for migration `m` form one trace: the hub's
+/// root and phase spans, the source's send with its steps, the target's receive with its steps,
+/// each linked to its parent across processes (commands carry the hub's span, the sync channel
+/// carries the sender's).
+async fn assert_one_trace(traces: &OtlpReceiver, m: &Value, source: &str, target: &str) {
+    let trace_id = m["traceId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("traceId: {m}"));
+    assert_eq!(trace_id.len(), 32, "{trace_id}");
+    const HUB: [&str; 6] = [
+        "phase Pending",
+        "phase Scheduling",
+        "phase Scheduled",
+        "phase PreparingTarget",
+        "phase TargetReady",
+        "phase Running",
+    ];
+    const SOURCE: [&str; 6] = [
+        "send",
+        "prepare target",
+        "transfer",
+        "disk copy",
+        "memory copy",
+        "switchover",
+    ];
+    const TARGET: [&str; 4] = ["prepare receiver", "receive", "prepare vm", "take over"];
+    let has = |spans: &[ReceivedSpan], name: &str| spans.iter().any(|s| s.name == name);
+    let spans = traces
+        .wait_for_trace(trace_id, Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.parent_span_id.is_empty())
+                && HUB
+                    .iter()
+                    .chain(&SOURCE)
+                    .chain(&TARGET)
+                    .all(|n| has(spans, n))
+        })
+        .await;
+    let names: Vec<(&str, &str)> = spans
+        .iter()
+        .map(|s| (s.service.as_str(), s.name.as_str()))
+        .collect();
+    let one = |name: &str| -> &ReceivedSpan {
+        let found: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(found.len(), 1, "one span {name:?} in the trace: {names:?}");
+        found[0]
+    };
+    let roots: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root span: {names:?}");
+    let root = roots[0];
+    assert_eq!(root.service, "drover-hub");
+    assert_eq!(root.attributes["drover.result"], "Succeeded", "{root:?}");
+    assert_eq!(root.attributes["drover.source.cluster"], source);
+    assert_eq!(root.attributes["drover.target.cluster"], target);
+    assert!(
+        root.attributes["drover.bytes.transferred"]
+            .parse::<u64>()
+            .unwrap()
+            > 0,
+        "{root:?}"
+    );
+    for name in HUB {
+        let span = one(name);
+        assert_eq!(span.service, "drover-hub", "{span:?}");
+        assert_eq!(
+            span.parent_span_id, root.span_id,
+            "{name} is a child of the root"
+        );
+    }
+    for (side, names) in [(source, &SOURCE[..]), (target, &TARGET[..])] {
+        for name in names {
+            let span = one(name);
+            assert_eq!(span.service, "drover-agent", "{span:?}");
+            assert_eq!(
+                span.attributes["drover.cluster"], side,
+                "{name} runs on {side}"
+            );
+            assert_ne!(span.status_code, 2, "{name} ended well: {span:?}");
+        }
+    }
+    // Every span's parent is in the trace, and the links cross processes as they should.
+    for span in &spans {
+        assert!(
+            span.parent_span_id.is_empty()
+                || spans.iter().any(|p| p.span_id == span.parent_span_id),
+            "the parent of {:?} is in the trace: {names:?}",
+            span.name
+        );
+    }
+    assert_eq!(one("send").parent_span_id, one("phase Running").span_id);
+    assert_eq!(
+        one("prepare receiver").parent_span_id,
+        one("phase PreparingTarget").span_id
+    );
+    assert_eq!(
+        one("receive").parent_span_id,
+        one("send").span_id,
+        "the sync channel carried the sender's span"
+    );
+    for step in ["prepare target", "transfer", "switchover"] {
+        assert_eq!(one(step).parent_span_id, one("send").span_id, "{step}");
+    }
+    for step in ["disk copy", "memory copy"] {
+        assert_eq!(one(step).parent_span_id, one("transfer").span_id, "{step}");
+    }
+    assert!(
+        one("disk copy").attributes["drover.bytes"]
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    let downtime: u64 = one("switchover").attributes["drover.downtime_ms"]
+        .parse()
+        .unwrap();
+    assert!(downtime < 5_000, "downtime {downtime} ms");
+    assert!(one("send").attributes.contains_key("drover.downtime_ms"));
+}
+
 /// A hub and two agents (east-1 with the guest `vm` declared, west-1 empty) as real processes,
 /// ready: the guest runs and west-1 is Ready with its sync endpoint. Fields drop in order: the
 /// reaper kills the guests before their directories go.
 struct Fleet {
     _reaper: QemuReaper,
+    /// Where the hub and both agents export their spans.
+    traces: OtlpReceiver,
     _east: AgentProcess,
     west: AgentProcess,
     hub: HubProcess,
@@ -140,7 +263,12 @@ async fn fleet(vm: &str, knobs: &str, east_args: &[&str], west_args: &[&str]) ->
     let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
     let source_vm = declare(east_dir.path(), &guest, vm, knobs);
-    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, HUB_TIMING).await;
+    let traces = OtlpReceiver::start().await;
+    let otlp = ["--otlp-endpoint", traces.endpoint.as_str()];
+    let hub_args: Vec<&str> = HUB_TIMING.iter().copied().chain(otlp).collect();
+    let east_args: Vec<&str> = east_args.iter().copied().chain(otlp).collect();
+    let west_args: Vec<&str> = west_args.iter().copied().chain(otlp).collect();
+    let hub = HubProcess::start_with_args(hub_dir.path(), None, 0, &hub_args).await;
     let http = reqwest::Client::new();
     let east_token = hub.create_join_token(&http, "east-1").await.unwrap();
     let west_token = hub.create_join_token(&http, "west-1").await.unwrap();
@@ -148,14 +276,14 @@ async fn fleet(vm: &str, knobs: &str, east_args: &[&str], west_args: &[&str]) ->
         east_dir.path(),
         &hub.agents,
         Some(("east-1", &east_token)),
-        east_args,
+        &east_args,
     )
     .await;
     let west = AgentProcess::start_with_args(
         west_dir.path(),
         &hub.agents,
         Some(("west-1", &west_token)),
-        west_args,
+        &west_args,
     )
     .await;
     eventually(
@@ -176,6 +304,7 @@ async fn fleet(vm: &str, knobs: &str, east_args: &[&str], west_args: &[&str]) ->
     .await;
     Fleet {
         _reaper: reaper,
+        traces,
         _east: east,
         west,
         hub,
@@ -204,6 +333,7 @@ async fn a_running_vm_moves_between_clusters_and_back_without_stopping() {
     // east-1 -> west-1
     let m = migrate(hub, "mover", "east-1", "west-1").await;
     assert_eq!(m["phase"], "SUCCEEDED", "{m}");
+    assert_one_trace(&f.traces, &m, "east-1", "west-1").await;
     let phases: Vec<&str> = m["phaseTimestamps"]
         .as_array()
         .unwrap()
@@ -340,6 +470,38 @@ async fn cancel_and_a_killed_target_leave_the_source_running_and_nothing_on_the_
     let ended = wait_for_end(hub, &id).await;
     assert_eq!(ended["phase"], "FAILED", "{ended}");
     assert_eq!(ended["failureReason"], "cancelled by anonymous", "{ended}");
+    // Its trace says so too: the root span failed with the reason, the source's send span
+    // ended in error, and both sides ran their cancel under the migration's trace.
+    let trace_id = ended["traceId"].as_str().unwrap().to_owned();
+    let spans = f
+        .traces
+        .wait_for_trace(&trace_id, Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.parent_span_id.is_empty())
+                && spans.iter().filter(|s| s.name == "cancel").count() == 2
+                && spans.iter().any(|s| s.name == "send")
+        })
+        .await;
+    let root = spans
+        .iter()
+        .find(|s| s.parent_span_id.is_empty())
+        .unwrap_or_else(|| panic!("a root span: {spans:?}"));
+    assert_eq!(root.status_code, 2, "{root:?}");
+    assert_eq!(root.attributes["drover.result"], "Failed");
+    assert!(
+        root.status_message.contains("cancelled by anonymous"),
+        "{root:?}"
+    );
+    let send = spans.iter().find(|s| s.name == "send").unwrap();
+    assert_eq!(send.status_code, 2, "{send:?}");
+    let cancels: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.name == "cancel")
+        .map(|s| s.attributes["drover.cluster"].as_str())
+        .collect();
+    assert!(
+        cancels.contains(&"east-1") && cancels.contains(&"west-1"),
+        "{cancels:?}"
+    );
     eventually(
         "nothing left on the target",
         Duration::from_secs(60),

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod hub;
 pub mod identity;
 pub mod ingest;
+pub mod migration_trace;
 pub mod migrations;
 pub mod pki;
 pub mod read;

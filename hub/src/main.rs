@@ -55,6 +55,10 @@ struct DatabaseArgs {
     /// The CA's private key (PKCS#8 PEM).
     #[arg(long, env = "DROVER_CA_KEY", requires = "ca_cert", global = true)]
     ca_key: Option<PathBuf>,
+    /// Export each migration's trace to this OTLP/HTTP collector (base URL, e.g.
+    /// http://collector:4318; spans go to /v1/traces). Without it nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,8 +189,24 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    drover_shared::telemetry::init();
     let cli = Cli::parse();
+    let export =
+        cli.db
+            .otlp_endpoint
+            .clone()
+            .map(|endpoint| drover_shared::telemetry::TraceExport {
+                endpoint,
+                service: "drover-hub".into(),
+                attributes: Vec::new(),
+            });
+    let telemetry =
+        drover_shared::telemetry::init_with_export(export).map_err(anyhow::Error::msg)?;
+    let result = execute(cli).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let args = cli.serve;

@@ -19,6 +19,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::commands::{CommandState, CommandStore, StoredCommand};
+use crate::migration_trace;
 use crate::sessions::Sessions;
 use crate::store::entities::{cluster, migration, node, vm};
 use crate::store::{Store, StoreError};
@@ -299,7 +300,7 @@ impl Migrations {
             failure_reason: Set(None),
             attempt: Set(1),
             evacuation_id: Set(None),
-            trace_id: Set(None),
+            trace_id: Set(Some(migration_trace::trace_id_text(id.0))),
             requested_by: Set(actor.to_owned()),
             created_at: Set(now),
             updated_at: Set(now),
@@ -307,6 +308,11 @@ impl Migrations {
         }
         .insert(db)
         .await?;
+        let created = self.row(id.0).await?;
+        migration_trace::created(
+            &created,
+            &[MigrationPhase::Pending, MigrationPhase::Scheduling],
+        );
         tracing::info!(migration = %id, vm = %format!("{}/{}", vm.namespace, vm.name), source = %source.name, target = %target.name, "migration created");
         self.spawn(id.0);
         Ok(id.0)
@@ -358,8 +364,7 @@ impl Migrations {
         failure: Option<String>,
     ) -> Result<bool, StoreError> {
         let row = self.row(id).await?;
-        let mut stamps: BTreeMap<String, chrono::DateTime<Utc>> =
-            serde_json::from_value(row.phase_timestamps).unwrap_or_default();
+        let mut stamps = migration_trace::stamps(&row);
         let now = Utc::now();
         stamps.entry(phase.as_str().to_owned()).or_insert(now);
         let done = matches!(phase, MigrationPhase::Succeeded | MigrationPhase::Failed);
@@ -389,6 +394,20 @@ impl Migrations {
         let moved = update.exec(&self.store.db).await?.rows_affected > 0;
         if moved {
             tracing::info!(migration = %id, phase = phase.as_str(), failure = failure.as_deref().unwrap_or(""), "migration phase");
+            if let Some(ended) = MigrationPhase::parse(&row.phase) {
+                let started = stamps
+                    .get(ended.as_str())
+                    .copied()
+                    .unwrap_or(row.created_at);
+                migration_trace::phase_ended(&row, ended, started, now);
+            }
+            if done {
+                let reason = match phase {
+                    MigrationPhase::Failed => row.failure_reason.as_deref().or(failure.as_deref()),
+                    _ => None,
+                };
+                migration_trace::migration_ended(&row, phase, reason, now);
+            }
         }
         Ok(moved)
     }
@@ -464,6 +483,10 @@ impl Migrations {
                                 })?,
                             namespace: row.target_namespace.clone(),
                             name: row.vm_name.clone(),
+                            trace_parent: Some(migration_trace::phase_traceparent(
+                                id,
+                                MigrationPhase::PreparingTarget,
+                            )),
                         },
                     )
                     .await?;
@@ -557,6 +580,10 @@ impl Migrations {
                             target_namespace: row.target_namespace.clone(),
                             connect_url: url,
                             options,
+                            trace_parent: Some(migration_trace::phase_traceparent(
+                                id,
+                                MigrationPhase::Running,
+                            )),
                         },
                     )
                     .await?;
@@ -658,7 +685,10 @@ impl Migrations {
             self.submit(
                 cluster,
                 &format!("{}/cancel/{cluster}", row.id),
-                AgentCommand::CancelMigration { migration_id: mid },
+                AgentCommand::CancelMigration {
+                    migration_id: mid,
+                    trace_parent: Some(migration_trace::root_traceparent(row.id)),
+                },
             )
             .await?;
         }

@@ -171,6 +171,9 @@ pub enum AgentCommand {
         source_cluster: ClusterName,
         namespace: String,
         name: String,
+        /// W3C traceparent of the hub's span this work belongs to (one trace per migration).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
     },
     /// Source side: connect to the target's sync endpoint, move disk then memory through the
     /// agents' TLS tunnel, switch over. Succeeds when the VM runs on the target.
@@ -183,11 +186,19 @@ pub enum AgentCommand {
         target_namespace: String,
         connect_url: String,
         options: MigrationOptions,
+        /// W3C traceparent of the hub's span this work belongs to (one trace per migration).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
     },
     /// Stop a migration before switchover on whichever side this agent is; the source keeps
     /// running and the target side is removed.
     #[serde(rename_all = "camelCase")]
-    CancelMigration { migration_id: MigrationId },
+    CancelMigration {
+        migration_id: MigrationId,
+        /// W3C traceparent of the hub's span this work belongs to (one trace per migration).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
+    },
 }
 
 impl AgentCommand {

@@ -70,7 +70,12 @@ pub struct SyncReply {
 pub enum SyncMessage {
     /// Source -> target, first: the VM to receive (already in the target's namespace).
     #[serde(rename_all = "camelCase")]
-    Prepare { spec: VmSpec },
+    Prepare {
+        spec: VmSpec,
+        /// W3C traceparent of the sender's span: the target's spans join the migration's trace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
+    },
     /// Target -> source: the receiving VM waits for the streams (or why it cannot).
     #[serde(rename_all = "camelCase")]
     Prepared {

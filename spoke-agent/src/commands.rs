@@ -350,7 +350,7 @@ fn target_of(command: &AgentCommand) -> String {
             namespace, name, ..
         } => format!("vm/{namespace}/{name}"),
         // A cancel must not wait behind the send it cancels.
-        AgentCommand::CancelMigration { migration_id } => format!("cancel/{migration_id}"),
+        AgentCommand::CancelMigration { migration_id, .. } => format!("cancel/{migration_id}"),
     }
 }
 

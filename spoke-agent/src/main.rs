@@ -14,6 +14,7 @@ use drover_agent::runtime::qemu::{Accel, QemuOptions, QemuRuntime};
 use drover_agent::runtime::{QemuAgent, QemuMigrations};
 use drover_agent::session::{self, SessionStatus};
 use drover_agent::sync::SyncEndpoint;
+use drover_shared::telemetry::TraceExport;
 use drover_shared::ClusterName;
 use std::sync::Arc;
 
@@ -52,6 +53,10 @@ struct Common {
     /// the data dir holds no identity yet.
     #[arg(long, env = "DROVER_JOIN_TOKEN", global = true)]
     join_token: Option<String>,
+    /// Export each migration's spans to this OTLP/HTTP collector (base URL, e.g.
+    /// http://collector:4318; spans go to /v1/traces). Without it nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -275,8 +280,31 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    drover_shared::telemetry::init();
     let cli = Cli::parse();
+    let export = cli.common.otlp_endpoint.clone().map(|endpoint| {
+        // The cluster names every span this agent exports (from the flag, or its identity).
+        let cluster = cli.common.cluster.clone().or_else(|| {
+            AgentIdentity::load(&cli.common.data_dir)
+                .ok()
+                .map(|identity| identity.cluster)
+        });
+        TraceExport {
+            endpoint,
+            service: "drover-agent".into(),
+            attributes: cluster
+                .iter()
+                .map(|c| ("drover.cluster".to_owned(), c.to_string()))
+                .collect(),
+        }
+    });
+    let telemetry =
+        drover_shared::telemetry::init_with_export(export).map_err(anyhow::Error::msg)?;
+    let result = execute(cli).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     let hub = common
         .hub

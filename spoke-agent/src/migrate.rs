@@ -17,9 +17,12 @@ use drover_shared::migration::{
     MigrationOptions, MigrationProgress, MigrationStatus, SyncChannel, SyncMessage,
 };
 use drover_shared::protocol::AgentMessage;
+use drover_shared::telemetry::{continue_trace, traceparent_of, MIGRATION_TRACE_TARGET};
 use drover_shared::{ClusterName, MigrationId};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 use crate::identity::AgentIdentity;
 use crate::sync::{BoxedStream, Expected, LocalTunnel, PeerDialer, ReceiverSockets, SyncEndpoint};
@@ -118,6 +121,27 @@ fn succeeded(message: impl Into<String>) -> CommandOutcome {
     }
 }
 
+/// Marks a span as ended well or with `error`.
+fn record_result(span: &Span, error: Option<&str>) {
+    match error {
+        None => {
+            span.record("otel.status_code", "OK");
+        }
+        Some(reason) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.message", reason);
+        }
+    }
+}
+
+/// Records how a command ended on its span.
+fn record_outcome(span: &Span, outcome: &CommandOutcome) {
+    match outcome {
+        CommandOutcome::Succeeded { .. } => record_result(span, None),
+        CommandOutcome::Failed { reason } => record_result(span, Some(reason)),
+    }
+}
+
 async fn send_message(stream: &mut BoxedStream, message: &SyncMessage) -> Result<(), String> {
     let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
     line.push(b'\n');
@@ -207,6 +231,33 @@ impl<R: MigrationRuntime> MigrationController<R> {
         source: ClusterName,
         namespace: String,
         name: String,
+        trace_parent: Option<String>,
+    ) -> CommandOutcome {
+        let span = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "prepare receiver",
+            drover.migration.id = %migration,
+            drover.vm = %format!("{namespace}/{name}"),
+            drover.source.cluster = %source,
+            drover.target.cluster = %self.cluster,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        continue_trace(&span, trace_parent.as_deref());
+        let outcome = self
+            .expect_sender(migration, source, namespace, name)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &outcome);
+        outcome
+    }
+
+    async fn expect_sender(
+        self: &Arc<Self>,
+        migration: MigrationId,
+        source: ClusterName,
+        namespace: String,
+        name: String,
     ) -> CommandOutcome {
         if self
             .receiving
@@ -232,18 +283,23 @@ impl<R: MigrationRuntime> MigrationController<R> {
             },
         );
         let this = self.clone();
-        let (ns, n) = (namespace.clone(), name.clone());
+        let (ns, n, from) = (namespace.clone(), name.clone(), source.clone());
         let task = tokio::spawn(async move {
+            let mut span = Span::none();
             let outcome = this
-                .receive(migration, &ns, &n, control_rx, sockets_tx)
+                .receive(migration, &ns, &n, &from, control_rx, sockets_tx, &mut span)
                 .await;
+            record_result(&span, outcome.as_ref().err().map(String::as_str));
             match &outcome {
                 Ok(()) => {
                     tracing::info!(%migration, vm = %format!("{ns}/{n}"), "migration received; the VM runs here now")
                 }
                 Err(reason) => {
                     tracing::warn!(%migration, %reason, "receiving side ends; removing everything of it");
-                    this.runtime.abort_receiver(&ns, &n).await;
+                    this.runtime
+                        .abort_receiver(&ns, &n)
+                        .instrument(tracing::info_span!(target: MIGRATION_TRACE_TARGET, parent: &span, "remove receiver"))
+                        .await;
                 }
             }
             this.sync.forget(&migration);
@@ -267,13 +323,18 @@ impl<R: MigrationRuntime> MigrationController<R> {
         succeeded(format!("target ready; waiting for cluster {source}"))
     }
 
+    /// The receiving side, from the sender's first message to the switchover. `span` becomes
+    /// the receive span, a child of the sender's span, once the sender has described the VM.
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &self,
         migration: MigrationId,
         namespace: &str,
         name: &str,
+        source: &ClusterName,
         mut control_rx: mpsc::Receiver<BoxedStream>,
         sockets: watch::Sender<Option<ReceiverSockets>>,
+        span: &mut Span,
     ) -> Result<(), String> {
         let stream = tokio::time::timeout(RECEIVER_WAIT, control_rx.recv())
             .await
@@ -295,7 +356,21 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 .await
                 .unwrap_or_else(|| Err("the sync channel ended".into()))?;
             match message {
-                SyncMessage::Prepare { mut spec } => {
+                SyncMessage::Prepare {
+                    mut spec,
+                    trace_parent,
+                } => {
+                    *span = tracing::info_span!(
+                        target: MIGRATION_TRACE_TARGET,
+                        "receive",
+                        drover.migration.id = %migration,
+                        drover.vm = %format!("{namespace}/{name}"),
+                        drover.source.cluster = %source,
+                        drover.target.cluster = %self.cluster,
+                        otel.status_code = Empty,
+                        error.message = Empty,
+                    );
+                    continue_trace(span, trace_parent.as_deref());
                     if spec.name != name || spec.namespace != namespace {
                         let reason = format!(
                             "the sender describes {}/{}, but this target was prepared for {namespace}/{name}",
@@ -312,7 +387,10 @@ impl<R: MigrationRuntime> MigrationController<R> {
                         return Err(reason);
                     }
                     spec.run_strategy = drover_shared::inventory::RunStrategy::WaitAsReceiver;
-                    match self.runtime.prepare_receiver(spec, migration).await {
+                    let prepare = self.runtime.prepare_receiver(spec, migration).instrument(
+                        tracing::info_span!(target: MIGRATION_TRACE_TARGET, parent: &*span, "prepare vm"),
+                    );
+                    match prepare.await {
                         Ok(s) => {
                             let _ = sockets.send(Some(s));
                             prepared = true;
@@ -340,7 +418,15 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 }
                 SyncMessage::SourceStatus { .. } => {}
                 SyncMessage::Switchover if prepared => {
-                    let result = self.runtime.finish_receiver(namespace, name).await;
+                    let result = self
+                        .runtime
+                        .finish_receiver(namespace, name)
+                        .instrument(tracing::info_span!(
+                            target: MIGRATION_TRACE_TARGET,
+                            parent: &*span,
+                            "take over"
+                        ))
+                        .await;
                     let reply = SyncMessage::SwitchedOver {
                         succeeded: result.is_ok(),
                         reason: result.as_ref().err().cloned(),
@@ -370,7 +456,21 @@ impl<R: MigrationRuntime> MigrationController<R> {
         target_namespace: String,
         connect_url: String,
         options: MigrationOptions,
+        trace_parent: Option<String>,
     ) -> CommandOutcome {
+        let span = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "send",
+            drover.migration.id = %migration,
+            drover.vm = %format!("{namespace}/{name}"),
+            drover.source.cluster = %self.cluster,
+            drover.target.cluster = %target,
+            drover.bytes = Empty,
+            drover.downtime_ms = Empty,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        continue_trace(&span, trace_parent.as_deref());
         let (cancel_tx, cancel_rx) = watch::channel(None);
         self.sending
             .lock()
@@ -387,7 +487,9 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 options,
                 cancel_rx,
             )
+            .instrument(span.clone())
             .await;
+        record_result(&span, result.as_ref().err().map(String::as_str));
         self.sending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -430,8 +532,15 @@ impl<R: MigrationRuntime> MigrationController<R> {
         let (mut messages, reader) = spawn_reader(read);
         let _reader = AbortOnDrop(reader);
 
-        send_message(&mut write, &SyncMessage::Prepare { spec }).await?;
-        match tokio::time::timeout(PREPARE_WAIT, messages.recv()).await {
+        let prepare_span = tracing::info_span!(target: MIGRATION_TRACE_TARGET, "prepare target");
+        let trace_parent = traceparent_of(&Span::current());
+        send_message(&mut write, &SyncMessage::Prepare { spec, trace_parent })
+            .instrument(prepare_span.clone())
+            .await?;
+        let prepared = tokio::time::timeout(PREPARE_WAIT, messages.recv())
+            .instrument(prepare_span)
+            .await;
+        match prepared {
             Ok(Some(Ok(SyncMessage::Prepared { ready: true, .. }))) => {}
             Ok(Some(Ok(SyncMessage::Prepared { reason, .. }))) => {
                 return Err(format!(
@@ -470,7 +579,9 @@ impl<R: MigrationRuntime> MigrationController<R> {
         let last = Mutex::new(Instant::now() - Duration::from_secs(2));
         let progress = Box::new(move |p: MigrationProgress| {
             let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() >= Duration::from_secs(1) {
+            // Once a second, and always when nothing is left to send: the final figures
+            // reach the hub even when the whole transfer took less than a second.
+            if last.elapsed() >= Duration::from_secs(1) || p.bytes_remaining == 0 {
                 *last = Instant::now();
                 let _ = outbox.send(AgentMessage::MigrationStatus(MigrationStatus {
                     migration_id: migration,
@@ -481,15 +592,21 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 }));
             }
         });
-        let send = self.runtime.send(
-            namespace,
-            name,
-            migration,
-            disk.path().to_owned(),
-            memory.path().to_owned(),
-            options,
-            progress,
-        );
+        let send = self
+            .runtime
+            .send(
+                namespace,
+                name,
+                migration,
+                disk.path().to_owned(),
+                memory.path().to_owned(),
+                options,
+                progress,
+            )
+            .instrument(tracing::info_span!(
+                target: MIGRATION_TRACE_TARGET,
+                "transfer"
+            ));
         tokio::pin!(send);
         let report = loop {
             tokio::select! {
@@ -531,7 +648,35 @@ impl<R: MigrationRuntime> MigrationController<R> {
             }
         };
         drop((disk, memory));
+        Span::current().record("drover.bytes", report.bytes);
+        Span::current().record("drover.downtime_ms", report.downtime_ms);
+        let switchover = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "switchover",
+            drover.downtime_ms = report.downtime_ms,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        let result = self
+            .switch_over(migration, namespace, name, target, &report, write, messages)
+            .instrument(switchover.clone())
+            .await;
+        record_result(&switchover, result.as_ref().err().map(String::as_str));
+        result
+    }
 
+    /// The source is paused with everything sent: the target takes over, or the source resumes.
+    #[allow(clippy::too_many_arguments)]
+    async fn switch_over(
+        &self,
+        migration: MigrationId,
+        namespace: &str,
+        name: &str,
+        target: &ClusterName,
+        report: &SendReport,
+        mut write: BoxedStream,
+        mut messages: mpsc::Receiver<Result<SyncMessage, String>>,
+    ) -> Result<String, String> {
         // Switchover: the source is paused; the target takes over, or the source resumes.
         send_message(&mut write, &SyncMessage::Switchover).await.map_err(|e| {
             format!("{e}: the switchover could not be requested; the source stays paused until an operator checks the target")
@@ -560,7 +705,26 @@ impl<R: MigrationRuntime> MigrationController<R> {
     }
 
     /// Cancels whatever this agent does for `migration`.
-    pub async fn cancel(&self, migration: MigrationId) -> CommandOutcome {
+    pub async fn cancel(
+        &self,
+        migration: MigrationId,
+        trace_parent: Option<String>,
+    ) -> CommandOutcome {
+        let span = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "cancel",
+            drover.migration.id = %migration,
+            drover.cluster = %self.cluster,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        continue_trace(&span, trace_parent.as_deref());
+        let outcome = self.cancel_here(migration).instrument(span.clone()).await;
+        record_outcome(&span, &outcome);
+        outcome
+    }
+
+    async fn cancel_here(&self, migration: MigrationId) -> CommandOutcome {
         if let Some(s) = self
             .sending
             .lock()

@@ -225,9 +225,16 @@ impl CommandHandler for QemuAgent {
                     source_cluster,
                     namespace,
                     name,
+                    trace_parent,
                 } => {
                     self.migrations
-                        .prepare_receiver(migration_id, source_cluster, namespace, name)
+                        .prepare_receiver(
+                            migration_id,
+                            source_cluster,
+                            namespace,
+                            name,
+                            trace_parent,
+                        )
                         .await
                 }
                 AgentCommand::SendVm {
@@ -238,6 +245,7 @@ impl CommandHandler for QemuAgent {
                     target_namespace,
                     connect_url,
                     options,
+                    trace_parent,
                 } => {
                     self.migrations
                         .send(
@@ -248,12 +256,14 @@ impl CommandHandler for QemuAgent {
                             target_namespace,
                             connect_url,
                             options,
+                            trace_parent,
                         )
                         .await
                 }
-                AgentCommand::CancelMigration { migration_id } => {
-                    self.migrations.cancel(migration_id).await
-                }
+                AgentCommand::CancelMigration {
+                    migration_id,
+                    trace_parent,
+                } => self.migrations.cancel(migration_id, trace_parent).await,
                 lifecycle_command => lifecycle(&self.runtime, lifecycle_command).await,
             }
         })

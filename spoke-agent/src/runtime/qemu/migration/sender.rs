@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drover_shared::inventory::VmPhase;
+use drover_shared::telemetry::MIGRATION_TRACE_TARGET;
 use qapi::qmp::{JobStatus, MigrationCapability, MigrationStatus, RunState};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use super::super::layout::{self, VmDir, VmKey};
 use super::super::qmp::QmpError;
@@ -394,8 +397,36 @@ struct Transfer<'a, F> {
 
 impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
     async fn run(&mut self) -> Result<SendOutcome, Failure> {
-        self.copy_disks().await?;
-        self.copy_memory().await
+        let disks = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "disk copy",
+            drover.disks = self.disks.len(),
+            drover.bytes = Empty,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        let copied = self.copy_disks().instrument(disks.clone()).await;
+        disks.record("drover.bytes", self.disk.1);
+        record_failure(&disks, copied.as_ref().err());
+        copied?;
+        let memory = tracing::info_span!(
+            target: MIGRATION_TRACE_TARGET,
+            "memory copy",
+            drover.memory.bytes = self.memory_total,
+            drover.bytes = Empty,
+            drover.downtime_ms = Empty,
+            drover.post_copy = Empty,
+            otel.status_code = Empty,
+            error.message = Empty,
+        );
+        let sent = self.copy_memory().instrument(memory.clone()).await;
+        if let Ok(outcome) = &sent {
+            memory.record("drover.bytes", outcome.memory_bytes);
+            memory.record("drover.downtime_ms", outcome.downtime_ms);
+            memory.record("drover.post_copy", outcome.post_copy);
+        }
+        record_failure(&memory, sent.as_ref().err());
+        sent
     }
 
     fn check_cancel_and_deadline(&self, latest: Option<&MigrationProgress>) -> Result<(), Failure> {
@@ -837,6 +868,19 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
             "it made no progress for {:?}: {why}",
             options.progress_timeout
         )
+    }
+}
+
+/// Marks a transfer step's span as ended well or failed.
+fn record_failure(span: &tracing::Span, failure: Option<&Failure>) {
+    match failure {
+        None => {
+            span.record("otel.status_code", "OK");
+        }
+        Some(failure) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.message", failure.detail.as_str());
+        }
     }
 }
 
