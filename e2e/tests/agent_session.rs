@@ -275,6 +275,11 @@ async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
             created_at: Set(now),
             updated_at: Set(now),
             finished_at: Set(None),
+            queue_position: Set(0),
+            source_node: Set(String::new()),
+            planned_bytes: Set(0),
+            bandwidth_bytes_per_sec: Set(0),
+            options: Set(None),
         })
         .exec_without_returning(&e.hub.hub.store.db)
         .await

@@ -972,6 +972,11 @@ async fn insert_migration(
         created_at: Set(now),
         updated_at: Set(now),
         finished_at: Set(None),
+        queue_position: Set(0),
+        source_node: Set("node-1".into()),
+        planned_bytes: Set(3 << 30),
+        bandwidth_bytes_per_sec: Set(0),
+        options: Set(None),
     })
     .exec_without_returning(&h.hub.store.db)
     .await

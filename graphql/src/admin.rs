@@ -126,4 +126,12 @@ pub trait FleetAdmin: Send + Sync + 'static {
 
     /// Cancels a migration before switchover; the source keeps running.
     async fn cancel_migration(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError>;
+
+    /// Cordons a cluster (nothing new is placed on it; what runs there stays) or uncordons it.
+    async fn set_cluster_maintenance(
+        &self,
+        cluster: &ClusterName,
+        maintenance: bool,
+        actor: &str,
+    ) -> Result<(), AdminError>;
 }

@@ -1164,6 +1164,26 @@ impl AdminMutation {
         })
     }
 
+    /// Cordons a cluster for maintenance (true: nothing new is placed on it — no migration,
+    /// evacuation or rebalance targets it; what runs there keeps running) or returns it to
+    /// service (false). Answers with the cluster as it now is.
+    async fn set_cluster_maintenance(
+        &self,
+        ctx: &Context<'_>,
+        cluster: String,
+        maintenance: bool,
+    ) -> Result<Cluster> {
+        let name = ClusterName::new(cluster.clone()).map_err(ApiError::from)?;
+        let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
+        admin
+            .set_cluster_maintenance(&name, maintenance, "anonymous")
+            .await
+            .map_err(ApiError::from)?;
+        let c = cluster_id_by_name(ctx, &cluster).await?;
+        let batch = ClusterBatch::new(reader(ctx).clone(), vec![c.id]);
+        Ok(Cluster(c, batch))
+    }
+
     /// Creates a one-time, expiring token with which the agent of `cluster` joins the hub.
     async fn create_join_token(
         &self,

@@ -28,6 +28,7 @@ pub struct HubAdmin {
     pub sessions: Sessions,
     pub commands: CommandStore,
     pub migrations: crate::migrations::Migrations,
+    pub scheduler: crate::scheduler::Scheduler,
 }
 
 fn migrate_err(e: crate::migrations::MigrateError) -> AdminError {
@@ -104,8 +105,61 @@ impl HubAdmin {
     }
 }
 
+impl HubAdmin {
+    async fn cordon(&self, name: &ClusterName, maintenance: bool) -> Result<(), AdminError> {
+        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
+        let now = Utc::now();
+        let mut update = cluster::Entity::update_many()
+            .col_expr(cluster::Column::Maintenance, maintenance.into())
+            .col_expr(cluster::Column::UpdatedAt, now.into())
+            .filter(cluster::Column::Name.eq(name.as_str()));
+        if maintenance {
+            // Cordoning twice keeps the first time.
+            update = update.col_expr(
+                cluster::Column::MaintenanceSince,
+                sea_orm::sea_query::Expr::cust_with_values(
+                    "COALESCE(maintenance_since, $1)",
+                    [sea_orm::Value::from(now)],
+                ),
+            );
+        } else {
+            update = update.col_expr(
+                cluster::Column::MaintenanceSince,
+                Option::<chrono::DateTime<Utc>>::None.into(),
+            );
+        }
+        let changed = update.exec(&self.store.db).await.map_err(db_err)?;
+        if changed.rows_affected == 0 {
+            return Err(AdminError::NotFound(format!(
+                "cluster \"{name}\" is not in the fleet; `clusters` lists the clusters there are"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl FleetAdmin for HubAdmin {
+    async fn set_cluster_maintenance(
+        &self,
+        cluster: &ClusterName,
+        maintenance: bool,
+        actor: &str,
+    ) -> Result<(), AdminError> {
+        let result = self.cordon(cluster, maintenance).await;
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        let details = json!({"maintenance": maintenance});
+        self.audit(
+            actor,
+            "setClusterMaintenance",
+            cluster.as_str(),
+            outcome,
+            details,
+        )
+        .await;
+        result
+    }
+
     async fn create_join_token(
         &self,
         cluster: &ClusterName,

@@ -27,6 +27,7 @@ pub struct Hub {
     pub sessions: Sessions,
     pub commands: CommandStore,
     pub migrations: crate::migrations::Migrations,
+    pub scheduler: crate::scheduler::Scheduler,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
 }
@@ -70,12 +71,18 @@ impl Hub {
         let sessions = Sessions::new(ingest.clone(), commands.clone(), SessionTiming::default());
         let migrations =
             crate::migrations::Migrations::new(store.clone(), commands.clone(), sessions.clone());
+        let scheduler = crate::scheduler::Scheduler::new(
+            store.clone(),
+            migrations.clone(),
+            crate::scheduler::SchedulerSettings::default(),
+        );
         let admin = Arc::new(HubAdmin {
             store: store.clone(),
             identities: identities.clone(),
             sessions: sessions.clone(),
             commands: commands.clone(),
             migrations: migrations.clone(),
+            scheduler: scheduler.clone(),
         });
         let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
         Self {
@@ -85,6 +92,7 @@ impl Hub {
             sessions,
             commands,
             migrations,
+            scheduler,
             schema,
             events,
         }
@@ -116,6 +124,19 @@ impl Hub {
             shutdown,
         )
         .await
+    }
+
+    /// Resumes in-flight migrations, then admits queued ones until `shutdown` resolves (the
+    /// hub's background work; `serve` answers requests).
+    pub async fn run_scheduler(&self, shutdown: impl std::future::Future<Output = ()>) {
+        match self.migrations.resume().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "resumed in-flight migrations"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot resume in-flight migrations now; they resume at the next start")
+            }
+        }
+        self.scheduler.clone().run(shutdown).await;
     }
 
     /// The same hub with other session timing (tests use short heartbeats).

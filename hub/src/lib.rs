@@ -4,13 +4,17 @@
 pub mod admin;
 pub mod agent_endpoint;
 pub mod commands;
+pub mod evacuations;
 pub mod hub;
 pub mod identity;
 pub mod ingest;
 pub mod migration_trace;
 pub mod migrations;
 pub mod pki;
+pub mod placement;
+pub mod policies;
 pub mod read;
+pub mod scheduler;
 pub mod seed;
 pub mod server;
 pub mod sessions;

@@ -103,9 +103,34 @@ struct ServeArgs {
     /// never evacuated for that alone). Must exceed the heartbeat interval.
     #[arg(long, env = "DROVER_SILENCE_LIMIT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600), global = true)]
     silence_limit_secs: u64,
+    /// Migrations in flight in the whole fleet at most (each cluster's own
+    /// parallelMigrationsPerCluster and parallelOutboundMigrationsPerNode apply as well).
+    #[arg(long, env = "DROVER_MAX_MIGRATIONS_IN_FLIGHT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000), global = true)]
+    max_migrations_in_flight: u64,
+    /// Bytes per second the migrations between one pair of clusters may use together (each
+    /// reserves its bandwidth limit); 0 means unlimited.
+    #[arg(
+        long,
+        env = "DROVER_PAIR_BANDWIDTH",
+        default_value_t = 0,
+        global = true
+    )]
+    pair_bandwidth_bytes_per_sec: u64,
+    /// How many times an evacuation tries to move one VM (a retry only when the source still
+    /// runs and the target was cleaned up).
+    #[arg(long, env = "DROVER_MIGRATION_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20), global = true)]
+    migration_attempts: u64,
 }
 
 impl ServeArgs {
+    fn scheduler_settings(&self) -> drover_hub::scheduler::SchedulerSettings {
+        drover_hub::scheduler::SchedulerSettings {
+            max_in_flight: self.max_migrations_in_flight as usize,
+            pair_bandwidth_bytes_per_sec: self.pair_bandwidth_bytes_per_sec,
+            max_attempts: self.migration_attempts as i32,
+        }
+    }
+
     fn session_timing(&self) -> anyhow::Result<drover_hub::sessions::SessionTiming> {
         anyhow::ensure!(
             self.silence_limit_secs > self.heartbeat_interval_secs,
@@ -212,13 +237,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let args = cli.serve;
             let timing = args.session_timing()?;
             let hub = cli.db.open().await?.with_session_timing(timing);
-            match hub.migrations.resume().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(n, "resumed in-flight migrations"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot resume in-flight migrations now; they resume at the next start")
-                }
-            }
+            hub.scheduler.set_settings(args.scheduler_settings());
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {
@@ -249,12 +268,13 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
             let api = hub.serve(listener, stopped(stop_rx.clone()));
-            let agent_api = hub.serve_agents(agents, stopped(stop_rx));
+            let agent_api = hub.serve_agents(agents, stopped(stop_rx.clone()));
+            let background = hub.run_scheduler(stopped(stop_rx));
             let signal = async move {
                 shutdown_signal().await;
                 let _ = stop_tx.send(true);
             };
-            let (api, agent_api, ()) = tokio::join!(api, agent_api, signal);
+            let (api, agent_api, (), ()) = tokio::join!(api, agent_api, signal, background);
             api?;
             agent_api?;
         }

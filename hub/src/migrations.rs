@@ -12,16 +12,14 @@ use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::{ClusterHealth, MigrationConfig, MigrationPhase, VmPhase};
 use drover_shared::migration::{MigrationOptions, MigrationStatus};
 use drover_shared::{ClusterName, MigrationId};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter,
-};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::commands::{CommandState, CommandStore, StoredCommand};
 use crate::migration_trace;
 use crate::sessions::Sessions;
-use crate::store::entities::{cluster, migration, node, vm};
+use crate::store::entities::{cluster, migration, node, vm, vm_label};
 use crate::store::{Store, StoreError};
 
 /// Phases before the target is asked for anything.
@@ -73,11 +71,46 @@ impl From<sea_orm::DbErr> for MigrateError {
     }
 }
 
+/// A migration to queue: what moves where, as planned.
+#[derive(Debug, Clone)]
+pub struct QueuedMigration {
+    pub vm_uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// (id, name) of the source cluster.
+    pub source_cluster: (Uuid, String),
+    pub target_cluster: (Uuid, String),
+    pub target_namespace: String,
+    pub source_node: String,
+    /// Memory plus disks.
+    pub planned_bytes: i64,
+    pub options: MigrationOptions,
+    pub evacuation_id: Option<Uuid>,
+    pub queue_position: i64,
+    pub attempt: i32,
+}
+
+/// The labels of a VM as stored.
+async fn vm_labels(
+    db: &sea_orm::DatabaseConnection,
+    vm: &vm::Model,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(vm_label::Entity::find()
+        .filter(vm_label::Column::VmId.eq(vm.id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|l| (l.key, l.value))
+        .collect())
+}
+
 #[derive(Clone)]
 pub struct Migrations {
     store: Store,
     commands: CommandStore,
     sessions: Sessions,
+    /// Wakes the scheduler: something was queued or ended.
+    pub wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn major_minor(version: &str) -> String {
@@ -90,6 +123,7 @@ impl Migrations {
             store,
             commands,
             sessions,
+            wake: std::sync::Arc::default(),
         }
     }
 
@@ -267,30 +301,69 @@ impl Migrations {
             return Err(MigrateError::Preflight(problems));
         }
 
-        let id = MigrationId::new();
+        let disks: i64 = vm
+            .disks
+            .as_array()
+            .map(|d| d.iter().filter_map(|d| d["sizeBytes"].as_i64()).sum())
+            .unwrap_or(0);
+        let config: MigrationConfig =
+            serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
+        let policies = crate::policies::load(&self.store).await?;
+        let options = crate::policies::options_for(
+            &vm_labels(db, &vm).await?,
+            &crate::policies::namespace_labels(&vm.namespace),
+            &policies,
+            &config,
+        );
+        let id = self
+            .enqueue(
+                QueuedMigration {
+                    vm_uid: vm.uid.clone(),
+                    namespace: vm.namespace.clone(),
+                    name: vm.name.clone(),
+                    source_cluster: (source.id, source.name.clone()),
+                    target_cluster: (target.id, target.name.clone()),
+                    target_namespace: req.target_namespace.clone(),
+                    source_node: vm.node_name.clone().unwrap_or_default(),
+                    planned_bytes: vm.memory_bytes + disks,
+                    options,
+                    evacuation_id: None,
+                    queue_position: 0,
+                    attempt: 1,
+                },
+                actor,
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Queues a migration (phase Pending): the scheduler admits it when every limit allows.
+    pub async fn enqueue(&self, q: QueuedMigration, actor: &str) -> Result<Uuid, StoreError> {
+        self.enqueue_with_id(MigrationId::new().0, q, actor).await
+    }
+
+    /// Like [`Self::enqueue`] with a chosen id; queuing the same id twice queues it once.
+    pub async fn enqueue_with_id(
+        &self,
+        id: Uuid,
+        q: QueuedMigration,
+        actor: &str,
+    ) -> Result<Uuid, StoreError> {
         let now = Utc::now();
-        let mut stamps = BTreeMap::new();
-        for phase in [
-            MigrationPhase::Pending,
-            MigrationPhase::Scheduling,
-            MigrationPhase::Scheduled,
-        ] {
-            stamps.insert(phase.as_str().to_owned(), now);
-        }
-        migration::ActiveModel {
-            id: Set(id.0),
-            vm_namespace: Set(vm.namespace.clone()),
-            vm_name: Set(vm.name.clone()),
-            vm_uid: Set(vm.uid.clone()),
-            source_cluster_id: Set(Some(source.id)),
-            target_cluster_id: Set(Some(target.id)),
-            source_cluster_name: Set(source.name.clone()),
-            target_cluster_name: Set(target.name.clone()),
-            target_namespace: Set(req.target_namespace.clone()),
+        let stamps = BTreeMap::from([(MigrationPhase::Pending.as_str().to_owned(), now)]);
+        let row = migration::ActiveModel {
+            id: Set(id),
+            vm_namespace: Set(q.namespace.clone()),
+            vm_name: Set(q.name.clone()),
+            vm_uid: Set(q.vm_uid.clone()),
+            source_cluster_id: Set(Some(q.source_cluster.0)),
+            target_cluster_id: Set(Some(q.target_cluster.0)),
+            source_cluster_name: Set(q.source_cluster.1.clone()),
+            target_cluster_name: Set(q.target_cluster.1.clone()),
+            target_namespace: Set(q.target_namespace.clone()),
             storage_class_map: Set(json!({})),
             network_map: Set(json!({})),
-            // A single migration is admitted at once; the scheduler (evacuations) comes later.
-            phase: Set(MigrationPhase::Scheduled.as_str().to_owned()),
+            phase: Set(MigrationPhase::Pending.as_str().to_owned()),
             phase_timestamps: Set(json!(stamps)),
             bytes_total: Set(0),
             bytes_transferred: Set(0),
@@ -298,24 +371,34 @@ impl Migrations {
             dirty_rate_bytes_per_sec: Set(0),
             throughput_bytes_per_sec: Set(0),
             failure_reason: Set(None),
-            attempt: Set(1),
-            evacuation_id: Set(None),
-            trace_id: Set(Some(migration_trace::trace_id_text(id.0))),
+            attempt: Set(q.attempt),
+            evacuation_id: Set(q.evacuation_id),
+            trace_id: Set(Some(migration_trace::trace_id_text(id))),
             requested_by: Set(actor.to_owned()),
             created_at: Set(now),
             updated_at: Set(now),
             finished_at: Set(None),
+            queue_position: Set(q.queue_position),
+            source_node: Set(q.source_node.clone()),
+            planned_bytes: Set(q.planned_bytes),
+            bandwidth_bytes_per_sec: Set(
+                q.options.bandwidth_bytes_per_sec.min(i64::MAX as u64) as i64
+            ),
+            options: Set(Some(json!(q.options))),
+        };
+        let inserted = migration::Entity::insert(row)
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column(migration::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.store.db)
+            .await?;
+        if inserted > 0 {
+            tracing::info!(migration = %id, vm = %format!("{}/{}", q.namespace, q.name), source = %q.source_cluster.1, target = %q.target_cluster.1, "migration queued");
+            self.wake.notify_one();
         }
-        .insert(db)
-        .await?;
-        let created = self.row(id.0).await?;
-        migration_trace::created(
-            &created,
-            &[MigrationPhase::Pending, MigrationPhase::Scheduling],
-        );
-        tracing::info!(migration = %id, vm = %format!("{}/{}", vm.namespace, vm.name), source = %source.name, target = %target.name, "migration created");
-        self.spawn(id.0);
-        Ok(id.0)
+        Ok(id)
     }
 
     /// Picks every in-flight migration up again (after a hub restart).
@@ -332,6 +415,20 @@ impl Migrations {
             self.spawn(row.id);
         }
         Ok(rows.len())
+    }
+
+    /// Drives a migration the scheduler just admitted.
+    pub fn drive_admitted(&self, id: Uuid) {
+        self.spawn(id);
+    }
+
+    /// Whether the agent carried out command `key` successfully.
+    pub async fn command_succeeded(&self, cluster: &str, key: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .commands
+            .get(cluster, key)
+            .await?
+            .is_some_and(|c| c.state == CommandState::Succeeded))
     }
 
     /// The driver task is owned by the migration: it ends when the migration does.
@@ -402,6 +499,8 @@ impl Migrations {
                 migration_trace::phase_ended(&row, ended, started, now);
             }
             if done {
+                // A slot is free: the scheduler admits the next migration at once.
+                self.wake.notify_one();
                 let reason = match phase {
                     MigrationPhase::Failed => row.failure_reason.as_deref().or(failure.as_deref()),
                     _ => None,
@@ -464,9 +563,9 @@ impl Migrations {
                 return Ok(());
             };
             match phase {
-                MigrationPhase::Pending
-                | MigrationPhase::Scheduling
-                | MigrationPhase::Scheduled => {
+                // Queued: the scheduler admits it (and drives it) when every limit allows.
+                MigrationPhase::Pending => return Ok(()),
+                MigrationPhase::Scheduling | MigrationPhase::Scheduled => {
                     self.advance(id, &BEFORE_TARGET, MigrationPhase::PreparingTarget, None)
                         .await?;
                 }
@@ -545,14 +644,25 @@ impl Migrations {
                             .await?;
                         continue;
                     };
-                    let config: MigrationConfig =
-                        serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
-                    let options = MigrationOptions {
-                        bandwidth_bytes_per_sec: config.bandwidth_per_migration,
-                        allow_auto_converge: config.allow_auto_converge,
-                        allow_post_copy: config.allow_post_copy,
-                        completion_timeout_per_gib: config.completion_timeout_per_gib,
-                        progress_timeout_secs: config.progress_timeout,
+                    // As planned (policy or the source's defaults then).
+                    let options = match row
+                        .options
+                        .clone()
+                        .and_then(|o| serde_json::from_value::<MigrationOptions>(o).ok())
+                    {
+                        Some(options) => options,
+                        None => {
+                            let config: MigrationConfig =
+                                serde_json::from_value(source.migration_config.clone())
+                                    .unwrap_or_default();
+                            MigrationOptions {
+                                bandwidth_bytes_per_sec: config.bandwidth_per_migration,
+                                allow_auto_converge: config.allow_auto_converge,
+                                allow_post_copy: config.allow_post_copy,
+                                completion_timeout_per_gib: config.completion_timeout_per_gib,
+                                progress_timeout_secs: config.progress_timeout,
+                            }
+                        }
                     };
                     // Running first: a cancel that wins the race keeps the send from going out.
                     if !self

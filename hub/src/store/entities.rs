@@ -162,6 +162,64 @@ pub mod migration {
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub finished_at: Option<DateTimeUtc>,
+        pub queue_position: i64,
+        pub source_node: String,
+        pub planned_bytes: i64,
+        pub bandwidth_bytes_per_sec: i64,
+        pub options: Option<Json>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod evacuation {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "evacuations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        /// "evacuation" or "rebalance".
+        pub kind: String,
+        /// The evacuated cluster (none for a rebalance).
+        pub cluster_id: Option<Uuid>,
+        pub state: String,
+        pub plan: Json,
+        pub limits: Json,
+        pub counters: Json,
+        pub deadline: Option<DateTimeUtc>,
+        pub schedule_id: Option<Uuid>,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
+        pub started_at: Option<DateTimeUtc>,
+        pub finished_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod migration_policy {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "migration_policies")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub vm_selector: Json,
+        pub namespace_selector: Json,
+        pub bandwidth_per_migration: Option<i64>,
+        pub completion_timeout_per_gib: Option<i32>,
+        pub allow_auto_converge: Option<bool>,
+        pub allow_post_copy: Option<bool>,
+        pub updated_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

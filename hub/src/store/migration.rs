@@ -9,7 +9,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Inventory), Box::new(M0002AgentCommands)]
+        vec![
+            Box::new(M0001Inventory),
+            Box::new(M0002AgentCommands),
+            Box::new(M0003Scheduling),
+        ]
     }
 }
 
@@ -439,5 +443,94 @@ impl MigrationTrait for M0002AgentCommands {
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         m.drop_table(Table::drop().table(a("agent_commands")).to_owned())
             .await
+    }
+}
+
+/// What the scheduler needs to admit queued migrations under every limit, and migration
+/// policies.
+pub struct M0003Scheduling;
+
+impl MigrationName for M0003Scheduling {
+    fn name(&self) -> &str {
+        "m0003_scheduling"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003Scheduling {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // One column per statement: SQLite's ALTER TABLE adds one at a time.
+        for column in [
+            // Order within its evacuation (the plan's order); admission goes by it.
+            big_integer(a("queue_position")).default(0).to_owned(),
+            // The node the VM ran on when planned (parallelOutboundMigrationsPerNode).
+            string_len(a("source_node"), 253).default("").to_owned(),
+            // Memory plus disks, as planned: what the transfer moves.
+            big_integer(a("planned_bytes")).default(0).to_owned(),
+            // Bandwidth reserved on its cluster pair (bytes/s; 0 = unlimited).
+            big_integer(a("bandwidth_bytes_per_sec"))
+                .default(0)
+                .to_owned(),
+            // The migration options chosen when it was planned (policy or cluster defaults).
+            json_binary_null(a("options")),
+        ] {
+            m.alter_table(
+                Table::alter()
+                    .table(a("migrations"))
+                    .add_column(column)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        m.create_index(index(
+            "migrations",
+            "queue",
+            &["phase", "queue_position"],
+            false,
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("migration_policies"))
+                .col(string_len(a("name"), 63).primary_key())
+                .col(json_binary(a("vm_selector")))
+                .col(json_binary(a("namespace_selector")))
+                .col(big_integer_null(a("bandwidth_per_migration")))
+                .col(integer_null(a("completion_timeout_per_gib")))
+                .col(boolean_null(a("allow_auto_converge")))
+                .col(boolean_null(a("allow_post_copy")))
+                .col(timestamp_with_time_zone(a("updated_at")))
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(a("migration_policies")).to_owned())
+            .await?;
+        m.drop_index(
+            Index::drop()
+                .name("ix_migrations_queue")
+                .table(a("migrations"))
+                .to_owned(),
+        )
+        .await?;
+        for column in [
+            "queue_position",
+            "source_node",
+            "planned_bytes",
+            "bandwidth_bytes_per_sec",
+            "options",
+        ] {
+            m.alter_table(
+                Table::alter()
+                    .table(a("migrations"))
+                    .drop_column(a(column))
+                    .to_owned(),
+            )
+            .await?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,369 @@
+//! The durable scheduler: admits queued migrations (phase Pending, in the database) under every
+//! limit at once — the fleet-wide in-flight cap, parallelMigrationsPerCluster at the source and
+//! at the target, parallelOutboundMigrationsPerNode on the source node, and the bandwidth of each
+//! cluster pair — whenever something is queued or ends, so that a freed slot is filled at once.
+//! Admission is one transaction; on PostgreSQL it holds an advisory lock, so that hub replicas
+//! on one database admit one at a time and never the same migration twice (each admission is
+//! also a conditional update from Pending). The scheduler keeps no state of its own: a hub that
+//! restarts admits from the rows. It also retries failed migrations of an evacuation when that is
+//! safe, and ends evacuations whose migrations have all ended.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::Utc;
+use drover_shared::inventory::{MigrationConfig, MigrationPhase};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, Statement, TransactionTrait,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use self::admission::{Candidate, InFlight, Limits};
+use crate::migrations::Migrations;
+use crate::store::entities::{cluster, migration};
+use crate::store::{Store, StoreError};
+
+/// How often the scheduler looks even when nothing woke it (timeouts, other replicas' work).
+const TICK: Duration = Duration::from_secs(1);
+/// The advisory lock key that serialises admission across hub replicas ("drover-admit").
+const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
+
+/// Fleet-wide settings of the scheduler (hub flags).
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerSettings {
+    /// Migrations in flight in the whole fleet at most.
+    pub max_in_flight: usize,
+    /// Bytes per second one cluster pair may carry (0: unlimited).
+    pub pair_bandwidth_bytes_per_sec: u64,
+    /// How many times an evacuation's migration of one VM may be attempted.
+    pub max_attempts: i32,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 20,
+            pair_bandwidth_bytes_per_sec: 0,
+            max_attempts: 3,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    store: Store,
+    migrations: Migrations,
+    settings: std::sync::Arc<std::sync::RwLock<SchedulerSettings>>,
+}
+
+impl Scheduler {
+    pub fn new(store: Store, migrations: Migrations, settings: SchedulerSettings) -> Self {
+        Self {
+            store,
+            migrations,
+            settings: std::sync::Arc::new(std::sync::RwLock::new(settings)),
+        }
+    }
+
+    pub fn settings(&self) -> SchedulerSettings {
+        *self.settings.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the limits (the hub's flags) for every holder of this scheduler.
+    pub fn set_settings(&self, settings: SchedulerSettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
+    }
+
+    /// Runs until `stop` resolves: admits, retries and finishes evacuations on every wake-up
+    /// and every tick.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut backoff = TICK;
+        loop {
+            match self.round().await {
+                Ok(()) => backoff = TICK,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "scheduling round failed");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = self.migrations.wake.notified() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    /// One round: retries what may be retried, admits what fits, ends finished evacuations.
+    pub async fn round(&self) -> Result<(), StoreError> {
+        let settings = self.settings();
+        crate::evacuations::retry_failed(&self.store, &self.migrations, settings).await?;
+        let admitted = self.admit().await?;
+        for id in admitted {
+            self.migrations.drive_admitted(id);
+        }
+        crate::evacuations::finish_ended(&self.store, settings.max_attempts).await?;
+        Ok(())
+    }
+
+    /// Admits what every limit allows; returns the admitted migrations' ids.
+    pub async fn admit(&self) -> Result<Vec<Uuid>, StoreError> {
+        let tx = self.store.db.begin().await?;
+        lock_admission(&tx).await?;
+        let queued = migration::Entity::find()
+            .filter(migration::Column::Phase.eq(MigrationPhase::Pending.as_str()))
+            .order_by_asc(migration::Column::CreatedAt)
+            .order_by_asc(migration::Column::QueuePosition)
+            .all(&tx)
+            .await?;
+        if queued.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let running = migration::Entity::find()
+            .filter(
+                migration::Column::Phase.is_in(
+                    MigrationPhase::IN_FLIGHT
+                        .iter()
+                        .filter(|p| **p != MigrationPhase::Pending)
+                        .map(|p| p.as_str()),
+                ),
+            )
+            .all(&tx)
+            .await?;
+        let configs: HashMap<String, MigrationConfig> = cluster::Entity::find()
+            .all(&tx)
+            .await?
+            .into_iter()
+            .map(|c| {
+                (
+                    c.name,
+                    serde_json::from_value(c.migration_config).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let settings = self.settings();
+        let limits = Limits {
+            max_in_flight: settings.max_in_flight,
+            pair_bandwidth_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
+            per_cluster: configs
+                .iter()
+                .map(|(name, c)| (name.clone(), c.parallel_migrations_per_cluster as usize))
+                .collect(),
+            outbound_per_node: configs
+                .iter()
+                .map(|(name, c)| {
+                    (
+                        name.clone(),
+                        c.parallel_outbound_migrations_per_node as usize,
+                    )
+                })
+                .collect(),
+        };
+        let in_flight: Vec<InFlight> = running.iter().map(in_flight_of).collect();
+        let candidates: Vec<Candidate> = queued.iter().map(candidate_of).collect();
+        let chosen = admission::admit(&limits, &in_flight, &candidates);
+        let now = Utc::now();
+        let mut admitted = Vec::new();
+        for index in chosen {
+            let row = &queued[index];
+            let mut stamps = crate::migration_trace::stamps(row);
+            for phase in [MigrationPhase::Scheduling, MigrationPhase::Scheduled] {
+                stamps.entry(phase.as_str().to_owned()).or_insert(now);
+            }
+            let moved = migration::Entity::update_many()
+                .col_expr(
+                    migration::Column::Phase,
+                    MigrationPhase::Scheduled.as_str().into(),
+                )
+                .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
+                .col_expr(migration::Column::UpdatedAt, now.into())
+                .filter(migration::Column::Id.eq(row.id))
+                .filter(migration::Column::Phase.eq(MigrationPhase::Pending.as_str()))
+                .exec(&tx)
+                .await?;
+            if moved.rows_affected > 0 {
+                admitted.push(row.id);
+            }
+        }
+        tx.commit().await?;
+        for id in &admitted {
+            if let Some(row) = queued.iter().find(|r| r.id == *id) {
+                let queued_at = crate::migration_trace::stamps(row)
+                    .get(MigrationPhase::Pending.as_str())
+                    .copied()
+                    .unwrap_or(row.created_at);
+                crate::migration_trace::phase_ended(row, MigrationPhase::Pending, queued_at, now);
+                crate::migration_trace::phase_ended(row, MigrationPhase::Scheduling, now, now);
+                tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration admitted");
+            }
+        }
+        Ok(admitted)
+    }
+}
+
+/// Serialises admission across hub replicas (PostgreSQL); SQLite serves one hub and serialises
+/// writers itself.
+async fn lock_admission(tx: &DatabaseTransaction) -> Result<(), StoreError> {
+    if tx.get_database_backend() == DbBackend::Postgres {
+        tx.execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [ADMISSION_LOCK.into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+fn in_flight_of(row: &migration::Model) -> InFlight {
+    InFlight {
+        source_cluster: row.source_cluster_name.clone(),
+        target_cluster: row.target_cluster_name.clone(),
+        source_node: row.source_node.clone(),
+        bandwidth_bytes_per_sec: row.bandwidth_bytes_per_sec.max(0) as u64,
+    }
+}
+
+fn candidate_of(row: &migration::Model) -> Candidate {
+    Candidate {
+        vm: row.vm_uid.clone(),
+        slot: in_flight_of(row),
+    }
+}
+
+/// The limits that will apply to migrations between these clusters, for plans and reports.
+pub fn limits_report(
+    settings: SchedulerSettings,
+    configs: &BTreeMap<String, MigrationConfig>,
+) -> serde_json::Value {
+    json!({
+        "maxInFlight": settings.max_in_flight,
+        "pairBandwidthBytesPerSec": settings.pair_bandwidth_bytes_per_sec,
+        "maxAttempts": settings.max_attempts,
+        "clusters": configs.iter().map(|(name, c)| json!({
+            "cluster": name,
+            "parallelMigrationsPerCluster": c.parallel_migrations_per_cluster,
+            "parallelOutboundMigrationsPerNode": c.parallel_outbound_migrations_per_node,
+            "bandwidthPerMigration": c.bandwidth_per_migration,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Admission as a plain function over plain data (no I/O): which queued migrations may start.
+pub mod admission {
+    use std::collections::HashMap;
+
+    /// The slots a migration holds while it runs.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct InFlight {
+        pub source_cluster: String,
+        pub target_cluster: String,
+        pub source_node: String,
+        /// Its bandwidth limit (0: unlimited, which takes a limited pair's whole budget).
+        pub bandwidth_bytes_per_sec: u64,
+    }
+
+    /// A queued migration, in queue order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Candidate {
+        pub vm: String,
+        pub slot: InFlight,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Limits {
+        pub max_in_flight: usize,
+        /// 0: unlimited.
+        pub pair_bandwidth_bytes_per_sec: u64,
+        /// parallelMigrationsPerCluster by cluster (a migration counts at source and target).
+        pub per_cluster: HashMap<String, usize>,
+        /// parallelOutboundMigrationsPerNode by (source) cluster.
+        pub outbound_per_node: HashMap<String, usize>,
+    }
+
+    /// Default per-cluster limits for a cluster not in `Limits` (KubeVirt's defaults).
+    const DEFAULT_PER_CLUSTER: usize = 5;
+    const DEFAULT_PER_NODE: usize = 2;
+
+    /// The indexes of `queued` to admit now, in queue order: each one fits every limit together
+    /// with what runs and what was admitted before it; one that does not fit is skipped, not
+    /// waited for, so a busy pair or node never holds up the rest of the queue. A VM is
+    /// admitted at most once per round.
+    pub fn admit(limits: &Limits, running: &[InFlight], queued: &[Candidate]) -> Vec<usize> {
+        let mut total = running.len();
+        let mut per_cluster: HashMap<&str, usize> = HashMap::new();
+        let mut per_node: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut pair_bandwidth: HashMap<(&str, &str), u64> = HashMap::new();
+        let budget = limits.pair_bandwidth_bytes_per_sec;
+        let reserve = |bandwidth: u64| {
+            if bandwidth == 0 || bandwidth > budget {
+                budget
+            } else {
+                bandwidth
+            }
+        };
+        for m in running {
+            *per_cluster.entry(&m.source_cluster).or_default() += 1;
+            *per_cluster.entry(&m.target_cluster).or_default() += 1;
+            *per_node
+                .entry((&m.source_cluster, &m.source_node))
+                .or_default() += 1;
+            if budget > 0 {
+                *pair_bandwidth
+                    .entry((&m.source_cluster, &m.target_cluster))
+                    .or_default() += reserve(m.bandwidth_bytes_per_sec);
+            }
+        }
+        let cluster_limit = |c: &str| {
+            limits
+                .per_cluster
+                .get(c)
+                .copied()
+                .unwrap_or(DEFAULT_PER_CLUSTER)
+        };
+        let node_limit = |c: &str| {
+            limits
+                .outbound_per_node
+                .get(c)
+                .copied()
+                .unwrap_or(DEFAULT_PER_NODE)
+        };
+        let mut chosen = Vec::new();
+        let mut vms: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for (index, candidate) in queued.iter().enumerate() {
+            if total >= limits.max_in_flight {
+                break;
+            }
+            let m = &candidate.slot;
+            let (s, t) = (m.source_cluster.as_str(), m.target_cluster.as_str());
+            let fits = vms.insert(candidate.vm.as_str())
+                && per_cluster.get(s).copied().unwrap_or(0) < cluster_limit(s)
+                && per_cluster.get(t).copied().unwrap_or(0) < cluster_limit(t)
+                && per_node
+                    .get(&(s, m.source_node.as_str()))
+                    .copied()
+                    .unwrap_or(0)
+                    < node_limit(s)
+                && (budget == 0
+                    || pair_bandwidth.get(&(s, t)).copied().unwrap_or(0)
+                        + reserve(m.bandwidth_bytes_per_sec)
+                        <= budget);
+            if !fits {
+                continue;
+            }
+            total += 1;
+            *per_cluster.entry(s).or_default() += 1;
+            *per_cluster.entry(t).or_default() += 1;
+            *per_node.entry((s, m.source_node.as_str())).or_default() += 1;
+            if budget > 0 {
+                *pair_bandwidth.entry((s, t)).or_default() += reserve(m.bandwidth_bytes_per_sec);
+            }
+            chosen.push(index);
+        }
+        chosen
+    }
+}
