@@ -62,6 +62,101 @@ pub struct MigrateRequest {
     pub target_namespace: String,
 }
 
+/// One VM the plan moves.
+#[derive(Debug, Clone)]
+pub struct PlannedMoveRecord {
+    pub namespace: String,
+    pub name: String,
+    pub source_cluster: String,
+    pub source_node: String,
+    pub target_cluster: String,
+    pub target_node: String,
+    pub memory_bytes: i64,
+    pub disk_bytes: i64,
+}
+
+/// One VM the plan cannot move, with every reason.
+#[derive(Debug, Clone)]
+pub struct CannotMoveRecord {
+    pub namespace: String,
+    pub name: String,
+    pub cluster: String,
+    pub reasons: Vec<String>,
+}
+
+/// The limits of one cluster a plan touches.
+#[derive(Debug, Clone)]
+pub struct ClusterLimitsRecord {
+    pub cluster: String,
+    pub parallel_migrations_per_cluster: i64,
+    pub parallel_outbound_migrations_per_node: i64,
+    pub bandwidth_per_migration: i64,
+}
+
+/// A plan (evacuation or rebalance): the moves, who cannot move and why, the limits that will
+/// apply and the estimated duration.
+#[derive(Debug, Clone)]
+pub struct PlanRecord {
+    pub kind: String,
+    pub cluster: Option<String>,
+    pub moves: Vec<PlannedMoveRecord>,
+    pub cannot_move: Vec<CannotMoveRecord>,
+    pub max_in_flight: i64,
+    pub pair_bandwidth_bytes_per_sec: i64,
+    pub max_attempts: i64,
+    pub cluster_limits: Vec<ClusterLimitsRecord>,
+    pub estimated_seconds: f64,
+}
+
+/// What to plan.
+#[derive(Debug, Clone)]
+pub enum PlanAsk {
+    Evacuation {
+        cluster: ClusterName,
+    },
+    Rebalance {
+        /// Utilisation within mean ± band/2 counts as balanced.
+        band: f64,
+        min_improvement: f64,
+        max_moves: usize,
+        /// VMs moved this recently stay, and no rebalance starts this soon after another.
+        hold_down: Duration,
+    },
+}
+
+/// An evacuation or rebalance as it stands.
+#[derive(Debug, Clone)]
+pub struct EvacuationRecord {
+    pub id: uuid::Uuid,
+    pub kind: String,
+    pub cluster: Option<String>,
+    pub state: String,
+    pub plan: PlanRecord,
+    pub planned: i64,
+    pub queued: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cannot_move: i64,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub estimated_finish_at: Option<DateTime<Utc>>,
+}
+
+/// A migration policy: selectors and the settings it gives the VMs it selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub vm_selector: std::collections::BTreeMap<String, String>,
+    pub namespace_selector: std::collections::BTreeMap<String, String>,
+    pub bandwidth_per_migration: Option<i64>,
+    pub completion_timeout_per_gib: Option<i32>,
+    pub allow_auto_converge: Option<bool>,
+    pub allow_post_copy: Option<bool>,
+}
+
 /// Why an administrative change was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
@@ -126,6 +221,40 @@ pub trait FleetAdmin: Send + Sync + 'static {
 
     /// Cancels a migration before switchover; the source keeps running.
     async fn cancel_migration(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError>;
+
+    /// A dry run: the plan for an evacuation or a rebalance on the fleet as it is now.
+    async fn plan(&self, ask: PlanAsk) -> Result<PlanRecord, AdminError>;
+
+    /// Starts a plan (re-planned now); refused when a VM cannot move unless `allow_partial`.
+    async fn start_plan(
+        &self,
+        ask: PlanAsk,
+        allow_partial: bool,
+        actor: &str,
+    ) -> Result<uuid::Uuid, AdminError>;
+
+    /// Stops admitting an evacuation's migrations and cancels those in flight safely.
+    async fn cancel_evacuation(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError>;
+
+    /// One evacuation, or the newest `limit` of them when `id` is None.
+    async fn evacuations(
+        &self,
+        id: Option<uuid::Uuid>,
+        limit: u64,
+    ) -> Result<Vec<EvacuationRecord>, AdminError>;
+
+    /// Creates or replaces a migration policy.
+    async fn set_migration_policy(
+        &self,
+        policy: PolicyRecord,
+        actor: &str,
+    ) -> Result<(), AdminError>;
+
+    /// Deletes a migration policy; false when there was none of that name.
+    async fn delete_migration_policy(&self, name: &str, actor: &str) -> Result<bool, AdminError>;
+
+    /// Every migration policy, by name.
+    async fn migration_policies(&self) -> Result<Vec<PolicyRecord>, AdminError>;
 
     /// Cordons a cluster (nothing new is placed on it; what runs there stays) or uncordons it.
     async fn set_cluster_maintenance(

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod batch;
 pub mod error;
+pub mod evacuate;
 pub mod events;
 pub mod lifecycle;
 pub mod migrate;
@@ -13,10 +14,11 @@ pub mod reader;
 pub mod schema;
 
 pub use admin::{
-    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, MigrateRequest,
-    RemovedCluster,
+    AdminError, CannotMoveRecord, ClusterLimitsRecord, CommandProgress, CommandRecord,
+    EvacuationRecord, FleetAdmin, JoinTokenRecord, MigrateRequest, PlanAsk, PlanRecord,
+    PlannedMoveRecord, PolicyRecord, RemovedCluster,
 };
 pub use error::{classify_response_errors, ApiError, ErrorCode};
-pub use events::{InventoryEvent, InventoryEventKind};
+pub use events::{InventoryEvent, InventoryEventKind, MigrationEvent};
 pub use reader::{FleetReader, ReadError};
 pub use schema::{build_schema, DroverSchema, SchemaLimits, MAX_PAGE_SIZE};

@@ -57,12 +57,14 @@ pub fn build_schema(
     reader: Reader,
     admin: Arc<dyn FleetAdmin>,
     events: broadcast::Sender<InventoryEvent>,
+    migration_events: broadcast::Sender<crate::events::MigrationEvent>,
     limits: SchemaLimits,
 ) -> DroverSchema {
     Schema::build(Query, Mutation::default(), Subscription)
         .data(reader)
         .data(admin)
         .data(events)
+        .data(migration_events)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(limits.max_recursive_depth)
@@ -147,7 +149,7 @@ pub enum RunStrategy {
     WaitAsReceiver,
 }
 
-#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[derive(Enum, Copy, Clone, Debug, Eq, PartialEq)]
 #[graphql(remote = "drover_shared::inventory::MigrationPhase")]
 pub enum MigrationPhase {
     Pending,
@@ -348,6 +350,32 @@ impl Query {
     }
 
     /// One cluster by name.
+    /// Evacuations and rebalances, newest first.
+    async fn evacuations(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+    ) -> Result<Vec<crate::evacuate::Evacuation>> {
+        crate::evacuate::evacuations(ctx, first).await
+    }
+
+    /// One evacuation or rebalance by id, with its counters and estimated finish.
+    async fn evacuation(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<Option<crate::evacuate::Evacuation>> {
+        crate::evacuate::evacuation_by_id(ctx, id).await
+    }
+
+    /// Migration policies by name.
+    async fn migration_policies(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<Vec<crate::evacuate::MigrationPolicy>> {
+        crate::evacuate::migration_policies(ctx).await
+    }
+
     async fn cluster(&self, ctx: &Context<'_>, name: String) -> Result<Option<Cluster>> {
         let c = cluster_id_by_name(ctx, &name).await?;
         let batch = ClusterBatch::new(reader(ctx).clone(), vec![c.id]);
@@ -1117,6 +1145,7 @@ pub struct Mutation(
     AdminMutation,
     crate::lifecycle::LifecycleMutation,
     crate::migrate::MigrationMutation,
+    crate::evacuate::EvacuationMutation,
 );
 
 #[derive(Default)]
@@ -1223,6 +1252,40 @@ pub struct Subscription;
 
 #[Subscription]
 impl Subscription {
+    /// Migrations' phase changes and progress as they happen, for one migration, one
+    /// evacuation, or all.
+    async fn migration_events(
+        &self,
+        ctx: &Context<'_>,
+        migration_id: Option<ID>,
+        evacuation_id: Option<ID>,
+    ) -> Result<impl Stream<Item = crate::events::MigrationEvent>> {
+        let rx = ctx
+            .data_unchecked::<broadcast::Sender<crate::events::MigrationEvent>>()
+            .subscribe();
+        Ok(futures::stream::unfold(rx, move |mut rx| {
+            let (migration_id, evacuation_id) = (migration_id.clone(), evacuation_id.clone());
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev)
+                            if migration_id.as_ref().is_none_or(|m| *m == ev.migration_id)
+                                && evacuation_id
+                                    .as_ref()
+                                    .is_none_or(|e| Some(e) == ev.evacuation_id.as_ref()) =>
+                        {
+                            return Some((ev, rx))
+                        }
+                        Ok(_) => continue,
+                        // A slow subscriber misses events rather than holding the hub back.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        }))
+    }
+
     /// Inventory changes as they are committed, for one cluster or for all.
     async fn inventory_events(
         &self,

@@ -6,9 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use drover_graphql::{
-    AdminError, CommandProgress, CommandRecord, FleetAdmin, JoinTokenRecord, MigrateRequest,
-    ReadError, RemovedCluster,
+    AdminError, CannotMoveRecord, ClusterLimitsRecord, CommandProgress, CommandRecord,
+    EvacuationRecord, FleetAdmin, JoinTokenRecord, MigrateRequest, PlanAsk, PlanRecord,
+    PlannedMoveRecord, PolicyRecord, ReadError, RemovedCluster,
 };
+use sea_orm::{QueryOrder, QuerySelect};
+
+use crate::evacuations::{self, EvacuationState, PlanReport, PlanRequest};
+use crate::placement::{Plan, RebalanceGoal};
+use crate::policies;
 use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::MigrationPhase;
 use drover_shared::ClusterName;
@@ -19,7 +25,7 @@ use serde_json::json;
 use crate::commands::{CommandError, CommandState, CommandStore, StoredCommand};
 use crate::identity::Identities;
 use crate::sessions::Sessions;
-use crate::store::entities::{agent_certificate, cluster, migration, vm};
+use crate::store::entities::{agent_certificate, cluster, evacuation, migration, vm};
 use crate::store::{sql::Sql, Store, StoreError};
 
 pub struct HubAdmin {
@@ -107,29 +113,10 @@ impl HubAdmin {
 
 impl HubAdmin {
     async fn cordon(&self, name: &ClusterName, maintenance: bool) -> Result<(), AdminError> {
-        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
-        let now = Utc::now();
-        let mut update = cluster::Entity::update_many()
-            .col_expr(cluster::Column::Maintenance, maintenance.into())
-            .col_expr(cluster::Column::UpdatedAt, now.into())
-            .filter(cluster::Column::Name.eq(name.as_str()));
-        if maintenance {
-            // Cordoning twice keeps the first time.
-            update = update.col_expr(
-                cluster::Column::MaintenanceSince,
-                sea_orm::sea_query::Expr::cust_with_values(
-                    "COALESCE(maintenance_since, $1)",
-                    [sea_orm::Value::from(now)],
-                ),
-            );
-        } else {
-            update = update.col_expr(
-                cluster::Column::MaintenanceSince,
-                Option::<chrono::DateTime<Utc>>::None.into(),
-            );
-        }
-        let changed = update.exec(&self.store.db).await.map_err(db_err)?;
-        if changed.rows_affected == 0 {
+        let found = evacuations::cordon(&self.store, name.as_str(), maintenance)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)))?;
+        if !found {
             return Err(AdminError::NotFound(format!(
                 "cluster \"{name}\" is not in the fleet; `clusters` lists the clusters there are"
             )));
@@ -138,8 +125,293 @@ impl HubAdmin {
     }
 }
 
+fn plan_request(ask: &PlanAsk) -> PlanRequest {
+    match ask {
+        PlanAsk::Evacuation { cluster } => PlanRequest::Evacuation {
+            cluster: cluster.to_string(),
+        },
+        PlanAsk::Rebalance {
+            band,
+            min_improvement,
+            max_moves,
+            hold_down,
+        } => PlanRequest::Rebalance(RebalanceGoal {
+            band: *band,
+            min_improvement: *min_improvement,
+            max_moves: *max_moves,
+            not_moved_since: Utc::now()
+                - chrono::Duration::from_std(*hold_down).unwrap_or(chrono::Duration::zero()),
+        }),
+    }
+}
+
+fn plan_record(report: PlanReport) -> PlanRecord {
+    let limits = &report.limits;
+    let int = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+    PlanRecord {
+        kind: report.kind.to_owned(),
+        cluster: report.cluster,
+        moves: report
+            .plan
+            .moves
+            .into_iter()
+            .map(|m| PlannedMoveRecord {
+                namespace: m.namespace,
+                name: m.name,
+                source_cluster: m.source_cluster,
+                source_node: m.source_node,
+                target_cluster: m.target_cluster,
+                target_node: m.target_node,
+                memory_bytes: m.memory_bytes.min(i64::MAX as u64) as i64,
+                disk_bytes: m.disk_bytes.min(i64::MAX as u64) as i64,
+            })
+            .collect(),
+        cannot_move: report
+            .plan
+            .cannot_move
+            .into_iter()
+            .map(|c| CannotMoveRecord {
+                namespace: c.namespace,
+                name: c.name,
+                cluster: c.cluster,
+                reasons: c.reasons,
+            })
+            .collect(),
+        max_in_flight: int(&limits["maxInFlight"]),
+        pair_bandwidth_bytes_per_sec: int(&limits["pairBandwidthBytesPerSec"]),
+        max_attempts: int(&limits["maxAttempts"]),
+        cluster_limits: limits["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| ClusterLimitsRecord {
+                cluster: c["cluster"].as_str().unwrap_or_default().to_owned(),
+                parallel_migrations_per_cluster: int(&c["parallelMigrationsPerCluster"]),
+                parallel_outbound_migrations_per_node: int(&c["parallelOutboundMigrationsPerNode"]),
+                bandwidth_per_migration: int(&c["bandwidthPerMigration"]),
+            })
+            .collect(),
+        estimated_seconds: report.plan.estimated_seconds,
+    }
+}
+
+/// A stored evacuation's plan, as the API shows it.
+fn stored_plan(e: &evacuation::Model) -> PlanReport {
+    let plan: Plan = Plan {
+        moves: serde_json::from_value(e.plan["moves"].clone()).unwrap_or_default(),
+        cannot_move: serde_json::from_value(e.plan["cannotMove"].clone()).unwrap_or_default(),
+        estimated_seconds: e.plan["estimatedSeconds"].as_f64().unwrap_or(0.0),
+    };
+    PlanReport {
+        kind: if e.kind == "rebalance" {
+            "rebalance"
+        } else {
+            "evacuation"
+        },
+        cluster: e.plan["cluster"].as_str().map(str::to_owned),
+        plan,
+        limits: e.limits.clone(),
+    }
+}
+
+impl HubAdmin {
+    async fn evacuation_record(
+        &self,
+        e: evacuation::Model,
+    ) -> Result<EvacuationRecord, AdminError> {
+        let db_err = |e: StoreError| AdminError::Read(store_err(e));
+        let settings = self.scheduler.settings();
+        let c = evacuations::counters(&self.store, &e, settings.max_attempts)
+            .await
+            .map_err(db_err)?;
+        let rows = migration::Entity::find()
+            .filter(migration::Column::EvacuationId.eq(e.id))
+            .all(&self.store.db)
+            .await
+            .map_err(|e| db_err(e.into()))?;
+        let estimated_finish_at = match EvacuationState::parse(&e.state) {
+            Some(EvacuationState::Running) => evacuations::estimated_finish(&e, &rows, Utc::now()),
+            _ => e.finished_at,
+        };
+        Ok(EvacuationRecord {
+            id: e.id,
+            kind: e.kind.clone(),
+            cluster: e.plan["cluster"].as_str().map(str::to_owned),
+            state: e.state.clone(),
+            plan: plan_record(stored_plan(&e)),
+            planned: c.planned,
+            queued: c.queued,
+            running: c.running,
+            succeeded: c.succeeded,
+            failed: c.failed,
+            cannot_move: c.cannot_move,
+            created_by: e.created_by,
+            created_at: e.created_at,
+            started_at: e.started_at,
+            finished_at: e.finished_at,
+            estimated_finish_at,
+        })
+    }
+}
+
 #[async_trait]
 impl FleetAdmin for HubAdmin {
+    async fn plan(&self, ask: PlanAsk) -> Result<PlanRecord, AdminError> {
+        let report = evacuations::plan(&self.store, &plan_request(&ask), self.scheduler.settings())
+            .await
+            .map_err(migrate_err)?;
+        Ok(plan_record(report))
+    }
+
+    async fn start_plan(
+        &self,
+        ask: PlanAsk,
+        allow_partial: bool,
+        actor: &str,
+    ) -> Result<uuid::Uuid, AdminError> {
+        if let PlanAsk::Rebalance { hold_down, .. } = &ask {
+            let since = Utc::now() - chrono::Duration::from_std(*hold_down).unwrap_or_default();
+            let recent = evacuation::Entity::find()
+                .filter(evacuation::Column::Kind.eq("rebalance"))
+                .filter(evacuation::Column::CreatedAt.gt(since))
+                .count(&self.store.db)
+                .await
+                .map_err(|e| AdminError::Read(store_err(e.into())))?;
+            if recent > 0 {
+                return Err(AdminError::Conflict(format!(
+                    "a rebalance ran less than {} s ago (the hold-down time); wait, or pass a shorter holdDownSeconds",
+                    hold_down.as_secs()
+                )));
+            }
+        }
+        let (action, target) = match &ask {
+            PlanAsk::Evacuation { cluster } => ("startEvacuation", cluster.to_string()),
+            PlanAsk::Rebalance { .. } => ("startRebalance", "fleet".to_owned()),
+        };
+        let result = evacuations::start(
+            &self.store,
+            &self.migrations,
+            &plan_request(&ask),
+            allow_partial,
+            self.scheduler.settings(),
+            actor,
+        )
+        .await
+        .map_err(migrate_err);
+        let (outcome, details) = match &result {
+            Ok(id) => ("ok", json!({"evacuation": id})),
+            Err(e) => ("refused", json!({"error": format!("{e:?}")})),
+        };
+        self.audit(actor, action, &target, outcome, details).await;
+        result
+    }
+
+    async fn cancel_evacuation(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError> {
+        let result = evacuations::cancel(&self.store, &self.migrations, id, actor)
+            .await
+            .map_err(migrate_err);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.audit(
+            actor,
+            "cancelEvacuation",
+            &id.to_string(),
+            outcome,
+            json!({}),
+        )
+        .await;
+        result
+    }
+
+    async fn evacuations(
+        &self,
+        id: Option<uuid::Uuid>,
+        limit: u64,
+    ) -> Result<Vec<EvacuationRecord>, AdminError> {
+        let mut query = evacuation::Entity::find().order_by_desc(evacuation::Column::CreatedAt);
+        if let Some(id) = id {
+            query = query.filter(evacuation::Column::Id.eq(id));
+        }
+        let rows = query
+            .limit(limit)
+            .all(&self.store.db)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e.into())))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            records.push(self.evacuation_record(row).await?);
+        }
+        Ok(records)
+    }
+
+    async fn set_migration_policy(
+        &self,
+        policy: PolicyRecord,
+        actor: &str,
+    ) -> Result<(), AdminError> {
+        let stored = policies::MigrationPolicy {
+            name: policy.name.clone(),
+            vm_selector: policy.vm_selector.clone(),
+            namespace_selector: policy.namespace_selector.clone(),
+            bandwidth_per_migration: policy.bandwidth_per_migration.map(|b| b.max(0) as u64),
+            completion_timeout_per_gib: policy.completion_timeout_per_gib.map(|t| t.max(1) as u32),
+            allow_auto_converge: policy.allow_auto_converge,
+            allow_post_copy: policy.allow_post_copy,
+        };
+        let result = policies::save(&self.store, &stored)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)));
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.audit(
+            actor,
+            "setMigrationPolicy",
+            &policy.name,
+            outcome,
+            json!({
+                "vmSelector": policy.vm_selector,
+                "namespaceSelector": policy.namespace_selector,
+                "bandwidthPerMigration": policy.bandwidth_per_migration,
+                "completionTimeoutPerGib": policy.completion_timeout_per_gib,
+                "allowAutoConverge": policy.allow_auto_converge,
+                "allowPostCopy": policy.allow_post_copy,
+            }),
+        )
+        .await;
+        result
+    }
+
+    async fn delete_migration_policy(&self, name: &str, actor: &str) -> Result<bool, AdminError> {
+        let result = policies::delete(&self.store, name)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)));
+        let outcome = match &result {
+            Ok(true) => "ok",
+            Ok(false) => "absent",
+            Err(_) => "failed",
+        };
+        self.audit(actor, "deleteMigrationPolicy", name, outcome, json!({}))
+            .await;
+        result
+    }
+
+    async fn migration_policies(&self) -> Result<Vec<PolicyRecord>, AdminError> {
+        Ok(policies::load(&self.store)
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)))?
+            .into_iter()
+            .map(|p| PolicyRecord {
+                name: p.name,
+                vm_selector: p.vm_selector,
+                namespace_selector: p.namespace_selector,
+                bandwidth_per_migration: p
+                    .bandwidth_per_migration
+                    .map(|b| b.min(i64::MAX as u64) as i64),
+                completion_timeout_per_gib: p.completion_timeout_per_gib.map(|t| t as i32),
+                allow_auto_converge: p.allow_auto_converge,
+                allow_post_copy: p.allow_post_copy,
+            })
+            .collect())
+    }
+
     async fn set_cluster_maintenance(
         &self,
         cluster: &ClusterName,
@@ -336,7 +608,7 @@ impl HubAdmin {
                 )
                 .filter(
                     migration::Column::Phase
-                        .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+                        .is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
                 )
                 .count(&tx)
                 .await

@@ -105,7 +105,7 @@ pub async fn load_fleet(store: &Store) -> Result<Vec<ClusterView>, StoreError> {
     }
     let active = migration::Entity::find()
         .filter(
-            migration::Column::Phase.is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            migration::Column::Phase.is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
         )
         .all(db)
         .await?;
@@ -211,6 +211,32 @@ pub async fn load_fleet(store: &Store) -> Result<Vec<ClusterView>, StoreError> {
     Ok(views)
 }
 
+/// Cordons (or uncordons) a cluster; cordoning again keeps the first time. False when there is
+/// no such cluster.
+pub async fn cordon(store: &Store, name: &str, maintenance: bool) -> Result<bool, StoreError> {
+    let now = Utc::now();
+    let mut update = cluster::Entity::update_many()
+        .col_expr(cluster::Column::Maintenance, maintenance.into())
+        .col_expr(cluster::Column::UpdatedAt, now.into())
+        .filter(cluster::Column::Name.eq(name));
+    if !maintenance {
+        update = update.col_expr(
+            cluster::Column::MaintenanceSince,
+            Option::<DateTime<Utc>>::None.into(),
+        );
+    }
+    let found = update.exec(&store.db).await?.rows_affected > 0;
+    if maintenance {
+        cluster::Entity::update_many()
+            .col_expr(cluster::Column::MaintenanceSince, Some(now).into())
+            .filter(cluster::Column::Name.eq(name))
+            .filter(cluster::Column::MaintenanceSince.is_null())
+            .exec(&store.db)
+            .await?;
+    }
+    Ok(found)
+}
+
 /// A dry run: the plan for `request` on the fleet as it is now.
 pub async fn plan(
     store: &Store,
@@ -279,18 +305,7 @@ pub async fn start(
 ) -> Result<Uuid, MigrateError> {
     if let PlanRequest::Evacuation { cluster } = request {
         // Nothing new lands on it from now on, not even while the plan is made.
-        cluster::Entity::update_many()
-            .col_expr(cluster::Column::Maintenance, true.into())
-            .col_expr(
-                cluster::Column::MaintenanceSince,
-                sea_orm::sea_query::Expr::cust_with_values(
-                    "COALESCE(maintenance_since, $1)",
-                    [sea_orm::Value::from(Utc::now())],
-                ),
-            )
-            .filter(cluster::Column::Name.eq(cluster.as_str()))
-            .exec(&store.db)
-            .await?;
+        cordon(store, cluster, true).await?;
     }
     let report = plan(store, request, settings).await?;
     if !report.plan.cannot_move.is_empty() && !allow_partial {
@@ -438,7 +453,7 @@ pub async fn cancel(
     let active = migration::Entity::find()
         .filter(migration::Column::EvacuationId.eq(id))
         .filter(
-            migration::Column::Phase.is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            migration::Column::Phase.is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
         )
         .all(&store.db)
         .await?;
@@ -646,7 +661,7 @@ pub fn estimated_finish(
     let left: i64 = rows
         .iter()
         .filter(|m| {
-            MigrationPhase::parse(&m.phase).is_some_and(|p| MigrationPhase::IN_FLIGHT.contains(&p))
+            MigrationPhase::parse(&m.phase).is_some_and(|p| MigrationPhase::NOT_ENDED.contains(&p))
         })
         .map(|m| m.planned_bytes)
         .sum();

@@ -68,9 +68,19 @@ impl Hub {
         let identities = Identities::new(store.clone(), pki);
         let ingest = Ingest::new(store.clone(), events.clone());
         let commands = CommandStore::new(store.clone());
-        let sessions = Sessions::new(ingest.clone(), commands.clone(), SessionTiming::default());
-        let migrations =
-            crate::migrations::Migrations::new(store.clone(), commands.clone(), sessions.clone());
+        let (migration_events, _) = broadcast::channel(4096);
+        let sessions = Sessions::new(
+            ingest.clone(),
+            commands.clone(),
+            SessionTiming::default(),
+            migration_events.clone(),
+        );
+        let migrations = crate::migrations::Migrations::new(
+            store.clone(),
+            commands.clone(),
+            sessions.clone(),
+            migration_events.clone(),
+        );
         let scheduler = crate::scheduler::Scheduler::new(
             store.clone(),
             migrations.clone(),
@@ -84,7 +94,13 @@ impl Hub {
             migrations: migrations.clone(),
             scheduler: scheduler.clone(),
         });
-        let schema = build_schema(reader, admin, events.clone(), SchemaLimits::default());
+        let schema = build_schema(
+            reader,
+            admin,
+            events.clone(),
+            migration_events,
+            SchemaLimits::default(),
+        );
         Self {
             store,
             ingest,

@@ -16,6 +16,9 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryF
 use serde_json::json;
 use uuid::Uuid;
 
+use drover_graphql::MigrationEvent;
+use tokio::sync::broadcast;
+
 use crate::commands::{CommandState, CommandStore, StoredCommand};
 use crate::migration_trace;
 use crate::sessions::Sessions;
@@ -111,6 +114,32 @@ pub struct Migrations {
     sessions: Sessions,
     /// Wakes the scheduler: something was queued or ended.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Phase changes for `migrationEvents`.
+    events: broadcast::Sender<MigrationEvent>,
+}
+
+/// The `migrationEvents` event for `row` now in `phase`.
+pub fn event_of(
+    row: &migration::Model,
+    phase: MigrationPhase,
+    progress: Option<&drover_shared::migration::MigrationProgress>,
+    failure: Option<&str>,
+) -> MigrationEvent {
+    let long = |v: u64| drover_graphql::schema::Long(v.min(i64::MAX as u64) as i64);
+    MigrationEvent {
+        migration_id: async_graphql::ID(row.id.to_string()),
+        evacuation_id: row.evacuation_id.map(|e| async_graphql::ID(e.to_string())),
+        vm_namespace: row.vm_namespace.clone(),
+        vm_name: row.vm_name.clone(),
+        source_cluster: row.source_cluster_name.clone(),
+        target_cluster: row.target_cluster_name.clone(),
+        phase: phase.into(),
+        bytes_total: progress.map(|p| long(p.bytes_total)),
+        bytes_transferred: progress.map(|p| long(p.bytes_transferred)),
+        bytes_remaining: progress.map(|p| long(p.bytes_remaining)),
+        failure_reason: failure.map(str::to_owned),
+        at: Utc::now(),
+    }
 }
 
 fn major_minor(version: &str) -> String {
@@ -118,13 +147,24 @@ fn major_minor(version: &str) -> String {
 }
 
 impl Migrations {
-    pub fn new(store: Store, commands: CommandStore, sessions: Sessions) -> Self {
+    pub fn new(
+        store: Store,
+        commands: CommandStore,
+        sessions: Sessions,
+        events: broadcast::Sender<MigrationEvent>,
+    ) -> Self {
         Self {
             store,
             commands,
             sessions,
             wake: std::sync::Arc::default(),
+            events,
         }
+    }
+
+    /// Tells `migrationEvents` subscribers.
+    pub fn publish(&self, event: MigrationEvent) {
+        let _ = self.events.send(event);
     }
 
     /// Checks what applies to one VM and, if all is well, creates the migration and starts
@@ -161,7 +201,7 @@ impl Migrations {
             .filter(migration::Column::VmUid.eq(&vm.uid))
             .filter(
                 migration::Column::Phase
-                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+                    .is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
             )
             .count(db)
             .await?;
@@ -222,7 +262,10 @@ impl Migrations {
         }
         let gates: Vec<String> =
             serde_json::from_value(target.feature_gates.clone()).unwrap_or_default();
-        if !gates.iter().any(|g| g == "decentralizedLiveMigration") {
+        if !gates
+            .iter()
+            .any(|g| g.eq_ignore_ascii_case(crate::placement::LIVE_MIGRATION_GATE))
+        {
             problems.push(format!(
                 "target cluster {} does not enable decentralizedLiveMigration",
                 target.name
@@ -395,6 +438,12 @@ impl Migrations {
             .exec_without_returning(&self.store.db)
             .await?;
         if inserted > 0 {
+            if let Some(row) = migration::Entity::find_by_id(id)
+                .one(&self.store.db)
+                .await?
+            {
+                self.publish(event_of(&row, MigrationPhase::Pending, None, None));
+            }
             tracing::info!(migration = %id, vm = %format!("{}/{}", q.namespace, q.name), source = %q.source_cluster.1, target = %q.target_cluster.1, "migration queued");
             self.wake.notify_one();
         }
@@ -491,6 +540,8 @@ impl Migrations {
         let moved = update.exec(&self.store.db).await?.rows_affected > 0;
         if moved {
             tracing::info!(migration = %id, phase = phase.as_str(), failure = failure.as_deref().unwrap_or(""), "migration phase");
+            let reason = row.failure_reason.as_deref().or(failure.as_deref());
+            self.publish(event_of(&row, phase, None, reason.filter(|_| done)));
             if let Some(ended) = MigrationPhase::parse(&row.phase) {
                 let started = stamps
                     .get(ended.as_str())
@@ -778,7 +829,7 @@ impl Migrations {
         if self
             .advance(
                 row.id,
-                &MigrationPhase::IN_FLIGHT,
+                &MigrationPhase::NOT_ENDED,
                 MigrationPhase::Failed,
                 Some(reason),
             )
@@ -813,7 +864,7 @@ impl Migrations {
             .await?
             .ok_or_else(|| MigrateError::NotFound(format!("migration {id} does not exist")))?;
         let phase = MigrationPhase::parse(&row.phase);
-        if !phase.is_some_and(|p| MigrationPhase::IN_FLIGHT.contains(&p)) {
+        if !phase.is_some_and(|p| MigrationPhase::NOT_ENDED.contains(&p)) {
             return Err(MigrateError::Conflict(format!(
                 "migration {id} is {} and can no longer be cancelled",
                 row.phase
@@ -849,6 +900,7 @@ impl Migrations {
 /// Records a status report from an agent: progress (from the source) while the migration runs.
 pub async fn record_status(
     store: &Store,
+    events: &broadcast::Sender<MigrationEvent>,
     from: &ClusterName,
     status: &MigrationStatus,
 ) -> Result<(), StoreError> {
@@ -881,6 +933,15 @@ pub async fn record_status(
             .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
             .exec(&store.db)
             .await?;
+        if events.receiver_count() > 0 {
+            if let Some(row) = migration::Entity::find_by_id(status.migration_id.0)
+                .one(&store.db)
+                .await?
+                .filter(|r| r.phase == MigrationPhase::Running.as_str())
+            {
+                let _ = events.send(event_of(&row, MigrationPhase::Running, Some(&p), None));
+            }
+        }
         Ok(())
     }
 }

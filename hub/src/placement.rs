@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// VMs with the same value are placed on the same target cluster.
 pub const AFFINITY_LABEL: &str = "drover.io/affinity-group";
@@ -77,7 +77,7 @@ pub struct ClusterView {
 /// What the estimate assumes for a link whose bandwidth nobody limits.
 pub const ASSUMED_LINK_BYTES_PER_SEC: u64 = 1 << 30;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PlannedMove {
     pub namespace: String,
@@ -91,7 +91,7 @@ pub struct PlannedMove {
     pub disk_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CannotMove {
     pub namespace: String,
@@ -236,7 +236,7 @@ fn cluster_problems(source: &ClusterView, vm: &VmView, target: &ClusterView) -> 
     if !target
         .feature_gates
         .iter()
-        .any(|g| g == LIVE_MIGRATION_GATE)
+        .any(|g| g.eq_ignore_ascii_case(LIVE_MIGRATION_GATE))
     {
         p.push(format!(
             "{} does not enable {LIVE_MIGRATION_GATE}",

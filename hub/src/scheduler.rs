@@ -111,6 +111,14 @@ impl Scheduler {
 
     /// Admits what every limit allows; returns the admitted migrations' ids.
     pub async fn admit(&self) -> Result<Vec<Uuid>, StoreError> {
+        // SQLite (one hub) has no advisory locks and its writers would only collide: one
+        // admission at a time in this process. PostgreSQL serialises replicas with the lock
+        // taken below.
+        static SQLITE_ADMISSION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = match self.store.backend() {
+            DbBackend::Sqlite => Some(SQLITE_ADMISSION.lock().await),
+            _ => None,
+        };
         let tx = self.store.db.begin().await?;
         lock_admission(&tx).await?;
         let queued = migration::Entity::find()
@@ -125,12 +133,8 @@ impl Scheduler {
         }
         let running = migration::Entity::find()
             .filter(
-                migration::Column::Phase.is_in(
-                    MigrationPhase::IN_FLIGHT
-                        .iter()
-                        .filter(|p| **p != MigrationPhase::Pending)
-                        .map(|p| p.as_str()),
-                ),
+                migration::Column::Phase
+                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
             )
             .all(&tx)
             .await?;
@@ -198,6 +202,12 @@ impl Scheduler {
                     .unwrap_or(row.created_at);
                 crate::migration_trace::phase_ended(row, MigrationPhase::Pending, queued_at, now);
                 crate::migration_trace::phase_ended(row, MigrationPhase::Scheduling, now, now);
+                self.migrations.publish(crate::migrations::event_of(
+                    row,
+                    MigrationPhase::Scheduled,
+                    None,
+                    None,
+                ));
                 tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration admitted");
             }
         }

@@ -60,17 +60,25 @@ pub struct Sessions {
     timing: SessionTiming,
     live: Arc<Mutex<HashMap<ClusterName, LiveSession>>>,
     next_id: Arc<AtomicU64>,
+    /// Progress reports go to `migrationEvents` subscribers too.
+    migration_events: tokio::sync::broadcast::Sender<drover_graphql::MigrationEvent>,
 }
 
 /// Largest message an agent may send (a snapshot of a big cluster fits comfortably).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 impl Sessions {
-    pub fn new(ingest: Ingest, commands: CommandStore, timing: SessionTiming) -> Self {
+    pub fn new(
+        ingest: Ingest,
+        commands: CommandStore,
+        timing: SessionTiming,
+        migration_events: tokio::sync::broadcast::Sender<drover_graphql::MigrationEvent>,
+    ) -> Self {
         Self {
             ingest,
             commands,
             timing,
+            migration_events,
             live: Arc::default(),
             next_id: Arc::default(),
         }
@@ -365,8 +373,13 @@ impl Sessions {
                     tracing::warn!(%cluster, claimed = %status.cluster, "migration status for another cluster ignored");
                     return true;
                 }
-                if let Err(e) =
-                    crate::migrations::record_status(self.commands.store(), cluster, &status).await
+                if let Err(e) = crate::migrations::record_status(
+                    self.commands.store(),
+                    &self.migration_events,
+                    cluster,
+                    &status,
+                )
+                .await
                 {
                     tracing::warn!(%cluster, migration = %status.migration_id, error = %e, "recording migration progress failed");
                 }

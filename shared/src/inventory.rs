@@ -182,6 +182,15 @@ impl MigrationPhase {
         Self::TargetReady,
         Self::Running,
     ];
+    /// Phases of a migration that has not ended: queued (Pending) or in flight.
+    pub const NOT_ENDED: [Self; 6] = [
+        Self::Pending,
+        Self::Scheduling,
+        Self::Scheduled,
+        Self::PreparingTarget,
+        Self::TargetReady,
+        Self::Running,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

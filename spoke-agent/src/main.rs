@@ -105,6 +105,13 @@ struct RunArgs {
     /// Allow auto-converge (throttling the guest's vCPUs) for migrations from this cluster.
     #[arg(long, env = "DROVER_ALLOW_AUTO_CONVERGE")]
     allow_auto_converge: bool,
+    /// Migrations this cluster takes part in at once (as source or target); the hub's
+    /// scheduler keeps to it.
+    #[arg(long, env = "DROVER_PARALLEL_MIGRATIONS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    parallel_migrations: u32,
+    /// Outbound migrations from one node at once.
+    #[arg(long, env = "DROVER_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    parallel_outbound_migrations_per_node: u32,
     /// Labels of this cluster, key=value (repeat or comma-separate).
     #[arg(long = "label", env = "DROVER_CLUSTER_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
@@ -222,6 +229,10 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
     options.migration_config.bandwidth_per_migration = args.bandwidth_per_migration;
     options.migration_config.progress_timeout = args.progress_timeout_secs;
     options.migration_config.allow_auto_converge = args.allow_auto_converge;
+    options.migration_config.parallel_migrations_per_cluster = args.parallel_migrations;
+    options
+        .migration_config
+        .parallel_outbound_migrations_per_node = args.parallel_outbound_migrations_per_node;
     let runtime = QemuRuntime::open(options)
         .await
         .context("cannot start the qemu runtime")?;

@@ -1,0 +1,365 @@
+//! An evacuation with real processes and real QEMU guests: six running VMs leave a cluster for
+//! two others with one mutation, under per-cluster limits, while the hub is killed (-9) and
+//! restarted halfway. Every VM ends running elsewhere, moved exactly once, without a reboot;
+//! the phase timestamps the hub recorded show no limit was ever exceeded; the evacuated
+//! (cordoned) cluster received nothing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use drover_e2e::agents::eventually;
+use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::testbed::test_guest;
+use serde_json::{json, Value};
+
+const VMS: usize = 6;
+/// Migrations each cluster takes part in at once (the agents report it; the hub keeps to it).
+const LIMITS: [(&str, usize); 3] = [("east-1", 2), ("west-1", 1), ("north-1", 1)];
+const MAX_IN_FLIGHT: usize = 2;
+
+fn hub_args() -> Vec<String> {
+    [
+        "--heartbeat-interval-secs",
+        "1",
+        "--silence-limit-secs",
+        "5",
+        "--max-migrations-in-flight",
+        &MAX_IN_FLIGHT.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
+    match reqwest::Client::new()
+        .post(hub.url("/graphql"))
+        .json(&json!({"query": query, "variables": variables}))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+fn declare(data_dir: &Path, guest: &Path, index: usize) {
+    let name = format!("app-{index}");
+    let dir = data_dir.join("vms/web").join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = json!({
+        "namespace": "web", "name": name, "memoryBytes": 128u64 << 20, "vcpus": 1,
+        "disks": [{"name": "root", "sizeBytes": 16u64 << 20}],
+        "interfaces": [{"name": "nic0", "network": "default", "mac": format!("02:00:00:00:e0:{index:02x}")}],
+        "runStrategy": "Always",
+        "boot": {
+            "kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"),
+            "cmdline": "console=ttyS0 quiet panic=-1 drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=8",
+        },
+    });
+    std::fs::write(dir.join("vm.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+}
+
+async fn start_agent(
+    dir: &Path,
+    hub: &HubProcess,
+    cluster: &str,
+    token: Option<&str>,
+) -> AgentProcess {
+    let limit = LIMITS
+        .iter()
+        .find(|l| l.0 == cluster)
+        .unwrap()
+        .1
+        .to_string();
+    AgentProcess::start_with_args(
+        dir,
+        &hub.agents,
+        token.map(|t| (cluster, t)),
+        &["--parallel-migrations", &limit],
+    )
+    .await
+}
+
+async fn vms_on(hub: &HubProcess, cluster: &str) -> Vec<(String, String)> {
+    let v = gql(
+        hub,
+        r#"query($c: String!) { virtualMachines(first: 100, filter: {cluster: $c}) { edges { node { name phase } } } }"#,
+        json!({"c": cluster}),
+    )
+    .await;
+    v["data"]["virtualMachines"]["edges"]
+        .as_array()
+        .map(|edges| {
+            edges
+                .iter()
+                .map(|e| {
+                    (
+                        e["node"]["name"].as_str().unwrap_or_default().to_owned(),
+                        e["node"]["phase"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const EVACUATION: &str = r#"query($id: ID!) { evacuation(id: $id) { state
+  counters { planned queued running succeeded failed cannotMove } } }"#;
+
+const MIGRATIONS: &str = r#"query($e: ID!) { migrations(first: 100, filter: {evacuationId: $e}) {
+  edges { node { id phase attempt virtualMachine { name } sourceClusterName targetClusterName failureReason
+  phaseTimestamps { phase at } } } } }"#;
+
+/// Every migration's [admitted, ended) interval never overlaps more of them than a limit allows.
+fn assert_limits_kept(migrations: &[Value]) {
+    let mut events: Vec<(DateTime<Utc>, i32, String, String)> = Vec::new();
+    for m in migrations {
+        let stamps: BTreeMap<String, DateTime<Utc>> = m["phaseTimestamps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["phase"].as_str().unwrap().to_owned(),
+                    p["at"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        let admitted = stamps["SCHEDULED"];
+        let ended = stamps
+            .get("SUCCEEDED")
+            .or(stamps.get("FAILED"))
+            .copied()
+            .expect("every migration ended");
+        let (s, t) = (
+            m["sourceClusterName"].as_str().unwrap().to_owned(),
+            m["targetClusterName"].as_str().unwrap().to_owned(),
+        );
+        events.push((admitted, 1, s.clone(), t.clone()));
+        events.push((ended, -1, s, t));
+    }
+    // Ends before starts at the same instant: a freed slot may be taken at once.
+    events.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut per: BTreeMap<String, i32> = BTreeMap::new();
+    let mut total = 0;
+    let mut peak: BTreeMap<String, i32> = BTreeMap::new();
+    for (at, delta, s, t) in events {
+        total += delta;
+        assert!(total <= MAX_IN_FLIGHT as i32, "{total} in flight at {at}");
+        for c in [s, t] {
+            let n = per.entry(c.clone()).or_default();
+            *n += delta;
+            let limit = LIMITS.iter().find(|l| l.0 == c).unwrap().1 as i32;
+            assert!(
+                *n <= limit,
+                "{c} took part in {n} migrations at {at} (limit {limit})"
+            );
+            let p = peak.entry(c).or_default();
+            *p = (*p).max(*n);
+        }
+    }
+    // The slots were used: the source ran two at once at some point.
+    assert_eq!(peak["east-1"], 2, "east-1's slots were kept full: {peak:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
+    let guest = test_guest();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _reaper = QemuReaper(dirs.iter().map(|d| d.path().into()).collect());
+    let (east_dir, west_dir, north_dir) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
+    for i in 0..VMS {
+        declare(east_dir, &guest, i);
+    }
+    let args = hub_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut hub = HubProcess::start_with_args(hub_dir.path(), None, 0, &args).await;
+    let agent_port: u16 = hub.agents.rsplit(':').next().unwrap().parse().unwrap();
+    let http = reqwest::Client::new();
+    let mut agents = Vec::new();
+    for (dir, cluster) in [
+        (east_dir, "east-1"),
+        (west_dir, "west-1"),
+        (north_dir, "north-1"),
+    ] {
+        let token = hub.create_join_token(&http, cluster).await.unwrap();
+        agents.push(start_agent(dir, &hub, cluster, Some(&token)).await);
+    }
+    eventually(
+        "six guests RUNNING on east-1, west-1 and north-1 ready",
+        Duration::from_secs(120),
+        async || {
+            let ready = gql(
+                &hub,
+                r#"{ clusters { edges { node { name health syncEndpoint } } } }"#,
+                json!({}),
+            )
+            .await;
+            let all_ready = ready["data"]["clusters"]["edges"]
+                .as_array()
+                .is_some_and(|e| {
+                    e.len() == 3
+                        && e.iter().all(|c| {
+                            c["node"]["health"] == "READY" && c["node"]["syncEndpoint"].is_string()
+                        })
+                });
+            all_ready
+                && vms_on(&hub, "east-1")
+                    .await
+                    .iter()
+                    .filter(|v| v.1 == "RUNNING")
+                    .count()
+                    == VMS
+        },
+    )
+    .await;
+    let vm_dirs: Vec<_> = (0..VMS)
+        .map(|i| east_dir.join(format!("vms/web/app-{i}")))
+        .collect();
+    eventually("the guests counting", Duration::from_secs(60), async || {
+        vm_dirs
+            .iter()
+            .all(|d| guest_console(d).0.is_some_and(|n| n >= 10))
+    })
+    .await;
+
+    // The dry run: every VM has a target, the limits are stated.
+    let plan = gql(
+        &hub,
+        r#"mutation { planEvacuation(input: {cluster: "east-1"}) { moves { name targetCluster }
+           cannotMove { name reasons } estimatedDurationSeconds
+           limits { maxInFlight clusters { cluster parallelMigrationsPerCluster } } } }"#,
+        json!({}),
+    )
+    .await;
+    let p = &plan["data"]["planEvacuation"];
+    assert_eq!(p["moves"].as_array().map(Vec::len), Some(VMS), "{plan}");
+    assert_eq!(p["cannotMove"], json!([]), "{plan}");
+    assert_eq!(p["limits"]["maxInFlight"], MAX_IN_FLIGHT);
+    assert!(p["estimatedDurationSeconds"].as_f64().unwrap() > 0.0);
+
+    let started = gql(
+        &hub,
+        r#"mutation { startEvacuation(input: {cluster: "east-1"}) { id state counters { planned } } }"#,
+        json!({}),
+    )
+    .await;
+    let id = started["data"]["startEvacuation"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    assert_eq!(
+        started["data"]["startEvacuation"]["counters"]["planned"],
+        VMS
+    );
+
+    // Halfway: kill -9 the hub, then start it again on the same store.
+    eventually(
+        "the first moves done",
+        Duration::from_secs(120),
+        async || {
+            let e = gql(&hub, EVACUATION, json!({"id": id})).await;
+            e["data"]["evacuation"]["counters"]["succeeded"]
+                .as_i64()
+                .is_some_and(|n| n >= 2)
+        },
+    )
+    .await;
+    hub.child.start_kill().unwrap();
+    hub.child.wait().await.unwrap();
+    hub = HubProcess::start_with_args(hub_dir.path(), None, agent_port, &args).await;
+
+    let mut last = Value::Null;
+    eventually(
+        "the evacuation to end",
+        Duration::from_secs(240),
+        async || {
+            last = gql(&hub, EVACUATION, json!({"id": id})).await;
+            last["data"]["evacuation"]["state"] != "RUNNING" && !last.is_null()
+        },
+    )
+    .await;
+    let e = &last["data"]["evacuation"];
+    assert_eq!(e["state"], "SUCCEEDED", "{last}");
+    assert_eq!(e["counters"]["succeeded"], VMS, "{last}");
+    assert_eq!(e["counters"]["failed"], 0);
+
+    // Every VM was migrated exactly once, and the recorded times keep every limit.
+    let history = gql(&hub, MIGRATIONS, json!({"e": id})).await;
+    let migrations: Vec<Value> = history["data"]["migrations"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{history}"))
+        .iter()
+        .map(|e| e["node"].clone())
+        .collect();
+    assert_eq!(migrations.len(), VMS, "one migration per VM: {history}");
+    let mut names: Vec<&str> = migrations
+        .iter()
+        .map(|m| m["virtualMachine"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), VMS, "no VM moved twice: {names:?}");
+    assert!(
+        migrations
+            .iter()
+            .all(|m| m["phase"] == "SUCCEEDED" && m["attempt"] == 1),
+        "{history}"
+    );
+    assert_limits_kept(&migrations);
+
+    // They all run on west-1 and north-1 now, each once, and kept counting without a reboot.
+    assert!(
+        QemuReaper::running(east_dir).is_empty(),
+        "nothing left on east-1"
+    );
+    let (west, north) = (
+        QemuReaper::running(west_dir).len(),
+        QemuReaper::running(north_dir).len(),
+    );
+    assert_eq!(west + north, VMS, "west {west} + north {north}");
+    assert!(
+        west > 0 && north > 0,
+        "the load was spread: west {west}, north {north}"
+    );
+    for i in 0..VMS {
+        let name = format!("app-{i}");
+        let target = [west_dir, north_dir]
+            .into_iter()
+            .map(|d| d.join("vms/web").join(&name))
+            .find(|d| d.exists())
+            .unwrap_or_else(|| panic!("{name} runs somewhere"));
+        eventually(
+            "the guest counting on its target",
+            Duration::from_secs(30),
+            async || guest_console(&target).0.is_some_and(|n| n >= 10),
+        )
+        .await;
+        let (_, banners) = guest_console(&target);
+        assert_eq!(banners, 0, "{name} was resumed, not booted");
+    }
+    eventually(
+        "the hub sees every VM on its target",
+        Duration::from_secs(30),
+        async || {
+            vms_on(&hub, "east-1").await.is_empty()
+                && vms_on(&hub, "west-1").await.len() + vms_on(&hub, "north-1").await.len() == VMS
+        },
+    )
+    .await;
+    let east = gql(
+        &hub,
+        r#"{ cluster(name: "east-1") { maintenance } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        east["data"]["cluster"]["maintenance"], true,
+        "the evacuated cluster stays cordoned"
+    );
+    drop(agents);
+}

@@ -1,0 +1,436 @@
+//! Evacuations, rebalances, maintenance and migration policies through GraphQL, against real
+//! PostgreSQL and the embedded SQLite file (no agents: the scheduler's admissions are checked
+//! where they are recorded, in the migrations' rows).
+
+use std::collections::{BTreeMap, HashMap};
+
+use drover_e2e::testbed::*;
+use drover_hub::scheduler::{Scheduler, SchedulerSettings};
+use drover_hub::store::entities::migration;
+use drover_shared::inventory::*;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{json, Value};
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(drover_e2e::testbed::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(drover_e2e::testbed::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    maintenance_cordons_and_a_cordoned_cluster_receives_nothing,
+    a_fleet_without_room_names_who_cannot_move_and_nothing_starts,
+    an_evacuation_is_admitted_under_every_limit_and_cancels_cleanly,
+    policies_choose_each_vms_settings,
+    a_rebalance_moves_towards_the_band_and_holds_down,
+);
+
+/// A cluster with `vms` VMs of `vm_gib` on one node of `node_gib`, `parallel` migrations at a
+/// time, reporting a sync endpoint.
+async fn cluster(
+    h: &TestHub,
+    name: &str,
+    seed: u32,
+    vms: u32,
+    vm_gib: u64,
+    node_gib: u64,
+    parallel: u32,
+) {
+    let mut s = snapshot(
+        name,
+        1,
+        vec![node("node-a", node_gib, 64)],
+        (0..vms)
+            .map(|i| {
+                let mut v = vm("web", &format!("{name}-vm-{i}"), seed * 1000 + i);
+                v.memory_bytes = vm_gib << 30;
+                v
+            })
+            .collect(),
+    );
+    s.nodes[0].requested_memory_bytes = vms as u64 * (vm_gib << 30);
+    s.info.sync_endpoint = Some(format!("{name}.example:9185"));
+    s.info.migration_config.parallel_migrations_per_cluster = parallel;
+    s.info
+        .migration_config
+        .parallel_outbound_migrations_per_node = parallel;
+    h.hub.ingest.apply_snapshot(&s).await.unwrap();
+}
+
+const PLAN: &str = r#"query($c: String!) { r: planEvacuation(input: {cluster: $c}) {
+  kind cluster estimatedDurationSeconds
+  moves { namespace name sourceCluster targetCluster targetNode memoryBytes }
+  cannotMove { namespace name cluster reasons }
+  limits { maxInFlight maxAttempts clusters { cluster parallelMigrationsPerCluster } } } }"#;
+
+fn plan_of(resp: &Value) -> &Value {
+    &resp["r"]
+}
+
+async fn plan(h: &TestHub, c: &str) -> Value {
+    h.gql(
+        PLAN.replacen("query(", "mutation(", 1).as_str(),
+        json!({"c": c}),
+    )
+    .await["data"]
+        .clone()
+}
+
+async fn migrations_of(h: &TestHub) -> Vec<migration::Model> {
+    migration::Entity::find()
+        .all(&h.hub.store.db)
+        .await
+        .unwrap()
+}
+
+async fn maintenance_cordons_and_a_cordoned_cluster_receives_nothing(b: Backend) {
+    let h = TestHub::new(b, "evac_cordon").await.unwrap();
+    cluster(&h, "east", 1, 3, 2, 64, 5).await;
+    cluster(&h, "west", 2, 0, 2, 64, 5).await;
+    cluster(&h, "north", 3, 0, 2, 64, 5).await;
+    let set = r#"mutation($c: String!, $m: Boolean!) { setClusterMaintenance(cluster: $c, maintenance: $m) { name maintenance maintenanceSince } }"#;
+    let on = h.data(set, json!({"c": "north", "m": true})).await;
+    assert_eq!(on["setClusterMaintenance"]["maintenance"], true, "{on}");
+    let since = on["setClusterMaintenance"]["maintenanceSince"].clone();
+    assert!(since.is_string());
+    // Cordoning again keeps the first time.
+    let again = h.data(set, json!({"c": "north", "m": true})).await;
+    assert_eq!(again["setClusterMaintenance"]["maintenanceSince"], since);
+
+    let p = plan(&h, "east").await;
+    let moves = plan_of(&p)["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 3, "{p}");
+    assert!(
+        moves.iter().all(|m| m["targetCluster"] == "west"),
+        "the cordoned cluster receives nothing: {p}"
+    );
+
+    let off = h.data(set, json!({"c": "north", "m": false})).await;
+    assert_eq!(off["setClusterMaintenance"]["maintenance"], false);
+    assert!(off["setClusterMaintenance"]["maintenanceSince"].is_null());
+    let p = plan(&h, "east").await;
+    let targets: Vec<&str> = plan_of(&p)["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["targetCluster"].as_str().unwrap())
+        .collect();
+    assert!(
+        targets.contains(&"north") && targets.contains(&"west"),
+        "load is spread: {targets:?}"
+    );
+
+    // Bad input says what is wrong.
+    let bad = h.gql(set, json!({"c": "Not A Name", "m": true})).await;
+    assert_eq!(error_code(&bad).as_deref(), Some("INVALID_NAME"), "{bad}");
+    let missing = h.gql(set, json!({"c": "nowhere", "m": true})).await;
+    assert_eq!(
+        error_code(&missing).as_deref(),
+        Some("NOT_FOUND"),
+        "{missing}"
+    );
+}
+
+async fn a_fleet_without_room_names_who_cannot_move_and_nothing_starts(b: Backend) {
+    let h = TestHub::new(b, "evac_no_room").await.unwrap();
+    // 4 VMs of 8 GiB; the only target has 20 GiB with 4 GiB in use (kept for a node drain).
+    cluster(&h, "east", 1, 4, 8, 64, 5).await;
+    cluster(&h, "west", 2, 1, 4, 20, 5).await;
+    let p = plan(&h, "east").await;
+    let plan = plan_of(&p);
+    assert_eq!(plan["moves"].as_array().unwrap().len(), 1, "{p}");
+    let cannot = plan["cannotMove"].as_array().unwrap();
+    assert_eq!(cannot.len(), 3, "{p}");
+    for c in cannot {
+        let reasons = c["reasons"].to_string();
+        assert!(
+            reasons.contains("west has no node with 8.0 GiB free"),
+            "{reasons}"
+        );
+    }
+    let start = h
+        .gql(
+            r#"mutation { startEvacuation(input: {cluster: "east"}) { id } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        error_code(&start).as_deref(),
+        Some("PREFLIGHT_FAILED"),
+        "{start}"
+    );
+    assert!(error_message(&start).contains("east-vm-"), "{start}");
+    assert!(migrations_of(&h).await.is_empty(), "nothing started");
+    let evacuations = h.data("{ evacuations { id } }", json!({})).await;
+    assert_eq!(evacuations["evacuations"], json!([]));
+}
+
+/// Whether the admitted migrations (phase past Pending) keep every limit.
+fn assert_within_limits(rows: &[migration::Model], per_cluster: usize, total: usize) {
+    let admitted: Vec<&migration::Model> = rows
+        .iter()
+        .filter(|m| {
+            MigrationPhase::parse(&m.phase).is_some_and(|p| {
+                p != MigrationPhase::Pending && MigrationPhase::IN_FLIGHT.contains(&p)
+            })
+        })
+        .collect();
+    assert!(
+        admitted.len() <= total,
+        "fleet cap {total}: {}",
+        admitted.len()
+    );
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for m in &admitted {
+        *per.entry(&m.source_cluster_name).or_default() += 1;
+        *per.entry(&m.target_cluster_name).or_default() += 1;
+    }
+    for (c, n) in per {
+        assert!(n <= per_cluster, "{c} holds {n} > {per_cluster} slots");
+    }
+}
+
+async fn an_evacuation_is_admitted_under_every_limit_and_cancels_cleanly(b: Backend) {
+    let h = TestHub::new(b, "evac_limits").await.unwrap();
+    cluster(&h, "east", 1, 10, 1, 64, 3).await;
+    cluster(&h, "west", 2, 0, 1, 64, 3).await;
+    cluster(&h, "north", 3, 0, 1, 64, 3).await;
+    let started = h
+        .data(
+            r#"mutation { startEvacuation(input: {cluster: "east"}) { id state cluster counters { planned queued running succeeded failed cannotMove } } }"#,
+            json!({}),
+        )
+        .await;
+    let e = &started["startEvacuation"];
+    assert_eq!(e["state"], "RUNNING", "{started}");
+    assert_eq!(e["counters"]["planned"], 10);
+    assert_eq!(e["counters"]["queued"], 10);
+    let id = e["id"].as_str().unwrap().to_owned();
+    let east = h
+        .data(r#"{ cluster(name: "east") { maintenance } }"#, json!({}))
+        .await;
+    assert_eq!(
+        east["cluster"]["maintenance"], true,
+        "an evacuated cluster is cordoned"
+    );
+
+    // Eight schedulers (as hub replicas on one database) admit at the same time.
+    let settings = SchedulerSettings {
+        max_in_flight: 20,
+        ..SchedulerSettings::default()
+    };
+    let a = Scheduler::new(h.hub.store.clone(), h.hub.migrations.clone(), settings);
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let replicas = (0..8).map(|_| {
+        let (scheduler, start) = (a.clone(), start.clone());
+        tokio::spawn(async move {
+            start.wait().await;
+            scheduler.admit().await.unwrap()
+        })
+    });
+    let mut all: Vec<uuid::Uuid> = futures::future::join_all(replicas)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "no migration admitted twice");
+    // east holds a slot in each (limit 3): three migrations at once, no more.
+    assert_eq!(n, 3, "east's three slots are filled at once");
+    let rows = migrations_of(&h).await;
+    assert_within_limits(&rows, 3, 20);
+    // Another round admits nothing while the slots are held.
+    assert!(a.admit().await.unwrap().is_empty());
+
+    // A finished migration frees its slot at once.
+    let running: Vec<&migration::Model> = rows.iter().filter(|m| m.phase == "Scheduled").collect();
+    migration::Entity::update_many()
+        .col_expr(migration::Column::Phase, "Succeeded".into())
+        .filter(migration::Column::Id.eq(running[0].id))
+        .exec(&h.hub.store.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.admit().await.unwrap().len(),
+        1,
+        "the freed slot is filled"
+    );
+    assert_within_limits(&migrations_of(&h).await, 3, 20);
+
+    // The fleet cap applies too.
+    let capped = Scheduler::new(
+        h.hub.store.clone(),
+        h.hub.migrations.clone(),
+        SchedulerSettings {
+            max_in_flight: 1,
+            ..settings
+        },
+    );
+    assert!(
+        capped.admit().await.unwrap().is_empty(),
+        "3 in flight > cap 1"
+    );
+
+    let q = r#"query($id: ID!) { evacuation(id: $id) { state counters { planned queued running succeeded failed } estimatedFinishAt } }"#;
+    let now = h.data(q, json!({"id": id})).await;
+    let c = &now["evacuation"]["counters"];
+    assert_eq!(
+        (
+            c["queued"].as_i64(),
+            c["running"].as_i64(),
+            c["succeeded"].as_i64()
+        ),
+        (Some(6), Some(3), Some(1)),
+        "{now}"
+    );
+    assert!(now["evacuation"]["estimatedFinishAt"].is_string());
+
+    let cancelled = h
+        .data(
+            r#"mutation($id: ID!) { cancelEvacuation(id: $id) { state counters { queued running failed succeeded } } }"#,
+            json!({"id": id}),
+        )
+        .await;
+    assert_eq!(
+        cancelled["cancelEvacuation"]["state"], "CANCELLED",
+        "{cancelled}"
+    );
+    let rows = migrations_of(&h).await;
+    assert_eq!(rows.iter().filter(|m| m.phase == "Succeeded").count(), 1);
+    for m in rows.iter().filter(|m| m.phase != "Succeeded") {
+        assert_eq!(m.phase, "Failed", "{m:?}");
+        assert_eq!(m.failure_reason.as_deref(), Some("cancelled by anonymous"));
+    }
+    assert!(
+        a.admit().await.unwrap().is_empty(),
+        "nothing is admitted after a cancel"
+    );
+    let again = h
+        .gql(
+            r#"mutation($id: ID!) { cancelEvacuation(id: $id) { state } }"#,
+            json!({"id": id}),
+        )
+        .await;
+    assert_eq!(error_code(&again).as_deref(), Some("CONFLICT"), "{again}");
+}
+
+async fn policies_choose_each_vms_settings(b: Backend) {
+    let h = TestHub::new(b, "evac_policies").await.unwrap();
+    let mut s = snapshot(
+        "east",
+        1,
+        vec![node("node-a", 64, 16)],
+        vec![
+            vm("web", "api", 1),
+            vm("payments", "db", 2),
+            vm("web", "batch", 3),
+        ],
+    );
+    s.vms[1].labels.insert("tier".into(), "db".into());
+    s.vms[2].labels.clear();
+    s.info.sync_endpoint = Some("east.example:9185".into());
+    s.info.migration_config.bandwidth_per_migration = 111;
+    h.hub.ingest.apply_snapshot(&s).await.unwrap();
+    cluster(&h, "west", 2, 0, 1, 64, 5).await;
+    let set = r#"mutation($in: MigrationPolicyInput!) { setMigrationPolicy(input: $in) { name bandwidthPerMigration allowPostCopy vmSelector { key value } } }"#;
+    for input in [
+        json!({"name": "any-app", "vmSelector": [{"key": "app", "value": "api"}], "bandwidthPerMigration": 222}),
+        json!({"name": "databases", "vmSelector": [{"key": "tier", "value": "db"}],
+               "namespaceSelector": [{"key": "kubernetes.io/metadata.name", "value": "payments"}],
+               "bandwidthPerMigration": 333, "allowPostCopy": true}),
+    ] {
+        let r = h.data(set, json!({"in": input})).await;
+        assert!(r["setMigrationPolicy"]["name"].is_string(), "{r}");
+    }
+    let bad = h
+        .gql(
+            set,
+            json!({"in": {"name": "Bad Name", "bandwidthPerMigration": 1}}),
+        )
+        .await;
+    assert_eq!(error_code(&bad).as_deref(), Some("BAD_USER_INPUT"), "{bad}");
+    let listed = h.data("{ migrationPolicies { name } }", json!({})).await;
+    assert_eq!(
+        listed["migrationPolicies"],
+        json!([{"name": "any-app"}, {"name": "databases"}])
+    );
+
+    h.data(
+        r#"mutation { startEvacuation(input: {cluster: "east"}) { id } }"#,
+        json!({}),
+    )
+    .await;
+    let options: BTreeMap<String, Value> = migrations_of(&h)
+        .await
+        .into_iter()
+        .map(|m| (m.vm_name, m.options.unwrap()))
+        .collect();
+    assert_eq!(options["api"]["bandwidthBytesPerSec"], 222, "{options:?}");
+    assert_eq!(options["db"]["bandwidthBytesPerSec"], 333);
+    assert_eq!(options["db"]["allowPostCopy"], true);
+    assert_eq!(
+        options["batch"]["bandwidthBytesPerSec"], 111,
+        "no policy: the cluster's setting"
+    );
+    let deleted = h
+        .data(
+            r#"mutation { deleteMigrationPolicy(name: "any-app") }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(deleted["deleteMigrationPolicy"], true);
+}
+
+async fn a_rebalance_moves_towards_the_band_and_holds_down(b: Backend) {
+    let h = TestHub::new(b, "rebalance").await.unwrap();
+    cluster(&h, "hot", 1, 8, 2, 20, 5).await;
+    cluster(&h, "cold", 2, 0, 2, 20, 5).await;
+    let q = r#"mutation { r: planRebalance(input: {band: 0.1, minImprovement: 0.01, maxMoves: 10}) { kind moves { name sourceCluster targetCluster } } }"#;
+    let p = h.data(q, json!({})).await;
+    assert_eq!(p["r"]["kind"], "REBALANCE");
+    let moves = p["r"]["moves"].as_array().unwrap();
+    assert_eq!(
+        moves.len(),
+        4,
+        "16 of 20 GiB vs 0 of 20: four 2 GiB moves balance it: {p}"
+    );
+    assert!(moves
+        .iter()
+        .all(|m| m["sourceCluster"] == "hot" && m["targetCluster"] == "cold"));
+    let start = r#"mutation { startRebalance(input: {maxMoves: 2, holdDownSeconds: 600}) { id kind counters { planned } } }"#;
+    let s = h.data(start, json!({})).await;
+    assert_eq!(
+        s["startRebalance"]["counters"]["planned"], 2,
+        "capped at maxMoves: {s}"
+    );
+    let again = h.gql(start, json!({})).await;
+    assert_eq!(
+        error_code(&again).as_deref(),
+        Some("CONFLICT"),
+        "the hold-down time: {again}"
+    );
+    let bad = h
+        .gql(
+            r#"mutation { planRebalance(input: {band: 2.0}) { kind } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(error_code(&bad).as_deref(), Some("BAD_USER_INPUT"), "{bad}");
+}
