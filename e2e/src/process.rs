@@ -111,6 +111,19 @@ impl HubProcess {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    /// A GraphQL request over HTTP; Null when the hub does not answer (it may be restarting).
+    pub async fn gql(&self, query: &str, variables: serde_json::Value) -> serde_json::Value {
+        let resp = reqwest::Client::new()
+            .post(self.url("/graphql"))
+            .json(&serde_json::json!({"query": query, "variables": variables}))
+            .send()
+            .await;
+        match resp {
+            Ok(r) => r.json().await.unwrap_or(serde_json::Value::Null),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
 }
 
 /// A real `drover-agent` process (the default `run` command), killed when dropped. The QEMU

@@ -438,3 +438,26 @@ impl drover_agent::session::InventorySource for TestCluster {
         (drover_shared::protocol::ReportedHealth::Ready, None)
     }
 }
+
+/// Declares each named `async fn(Backend)` as two tests, `postgres::name` and `sqlite::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::testbed::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::testbed::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}

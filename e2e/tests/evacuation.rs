@@ -34,15 +34,7 @@ fn hub_args() -> Vec<String> {
 }
 
 async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
-    match reqwest::Client::new()
-        .post(hub.url("/graphql"))
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await
-    {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
+    hub.gql(query, variables).await
 }
 
 fn declare(data_dir: &Path, guest: &Path, index: usize) {

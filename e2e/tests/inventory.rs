@@ -10,26 +10,7 @@ use drover_shared::ClusterName;
 use sea_orm::ConnectionTrait;
 use serde_json::{json, Value};
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(drover_e2e::testbed::Backend::Postgres).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(drover_e2e::testbed::Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
+use drover_e2e::on_both_backends;
 
 on_both_backends!(
     snapshot_shows_up_in_every_query,

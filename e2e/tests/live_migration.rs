@@ -21,15 +21,7 @@ const HUB_TIMING: &[&str] = &[
 ];
 
 async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
-    match reqwest::Client::new()
-        .post(hub.url("/graphql"))
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await
-    {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
+    hub.gql(query, variables).await
 }
 
 fn declare(data_dir: &Path, guest: &Path, name: &str, knobs: &str) -> PathBuf {

@@ -20,15 +20,7 @@ const HUB_TIMING: &[&str] = &[
 ];
 
 async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .post(hub.url("/graphql"))
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await;
-    match resp {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
+    hub.gql(query, variables).await
 }
 
 /// Declares a test-guest VM in an agent's data dir, as an operator would.
