@@ -2,6 +2,7 @@
 //! file), inventory ingest, the GraphQL API's reader, the HTTP server and the seeding command.
 
 pub mod admin;
+pub mod admission;
 pub mod agent_endpoint;
 pub mod commands;
 pub mod evacuations;
@@ -12,12 +13,14 @@ pub mod migration_trace;
 pub mod migrations;
 pub mod pki;
 pub mod placement;
+pub mod planner;
 pub mod policies;
 pub mod read;
 pub mod scheduler;
 pub mod seed;
 pub mod server;
 pub mod sessions;
+pub mod simulation;
 pub mod store;
 
 pub use hub::Hub;
