@@ -20,7 +20,7 @@ use sea_orm::{
 use serde_json::json;
 use uuid::Uuid;
 
-use self::admission::{Candidate, InFlight, Limits};
+use crate::admission::{self, AdmissionLimits, ClusterSlots, MigrationRequest, PairBandwidth};
 use crate::migrations::Migrations;
 use crate::store::entities::{cluster, migration};
 use crate::store::{Store, StoreError};
@@ -150,30 +150,27 @@ impl Scheduler {
             })
             .collect();
         let settings = self.settings();
-        let limits = Limits {
+        let limits = AdmissionLimits {
             max_in_flight: settings.max_in_flight,
-            pair_bandwidth_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
-            per_cluster: configs
+            max_attempts: settings.max_attempts.max(1) as u32,
+            clusters: configs
                 .iter()
-                .map(|(name, c)| (name.clone(), c.parallel_migrations_per_cluster as usize))
+                .map(|(name, c)| (name.clone(), ClusterSlots::from(c)))
                 .collect(),
-            outbound_per_node: configs
-                .iter()
-                .map(|(name, c)| {
-                    (
-                        name.clone(),
-                        c.parallel_outbound_migrations_per_node as usize,
-                    )
-                })
-                .collect(),
+            pair_bandwidth: PairBandwidth {
+                default_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
+                pairs: Vec::new(),
+            },
         };
-        let in_flight: Vec<InFlight> = running.iter().map(in_flight_of).collect();
-        let candidates: Vec<Candidate> = queued.iter().map(candidate_of).collect();
-        let chosen = admission::admit(&limits, &in_flight, &candidates);
+        let in_flight: Vec<MigrationRequest> = running.iter().map(request_of).collect();
+        let candidates: Vec<MigrationRequest> = queued.iter().map(request_of).collect();
+        let decision = admission::admit(&limits, &candidates, &in_flight);
         let now = Utc::now();
         let mut admitted = Vec::new();
-        for index in chosen {
-            let row = &queued[index];
+        for id in decision.admitted {
+            let Some(row) = queued.iter().find(|r| r.id == id) else {
+                continue;
+            };
             let mut stamps = crate::migration_trace::stamps(row);
             for phase in [MigrationPhase::Scheduling, MigrationPhase::Scheduled] {
                 stamps.entry(phase.as_str().to_owned()).or_insert(now);
@@ -229,19 +226,18 @@ async fn lock_admission(tx: &DatabaseTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn in_flight_of(row: &migration::Model) -> InFlight {
-    InFlight {
-        source_cluster: row.source_cluster_name.clone(),
-        target_cluster: row.target_cluster_name.clone(),
-        source_node: row.source_node.clone(),
-        bandwidth_bytes_per_sec: row.bandwidth_bytes_per_sec.max(0) as u64,
-    }
-}
-
-fn candidate_of(row: &migration::Model) -> Candidate {
-    Candidate {
+/// A migration row as admission sees it.
+fn request_of(row: &migration::Model) -> MigrationRequest {
+    MigrationRequest {
+        id: row.id,
         vm: row.vm_uid.clone(),
-        slot: in_flight_of(row),
+        position: row.queue_position.max(0) as u64,
+        source_cluster: row.source_cluster_name.clone(),
+        source_node: row.source_node.clone(),
+        target_cluster: row.target_cluster_name.clone(),
+        bytes: row.planned_bytes.max(0) as u64,
+        bandwidth_bytes_per_sec: row.bandwidth_bytes_per_sec.max(0) as u64,
+        attempt: row.attempt.max(1) as u32,
     }
 }
 
@@ -263,117 +259,3 @@ pub fn limits_report(
     })
 }
 
-/// Admission as a plain function over plain data (no I/O): which queued migrations may start.
-pub mod admission {
-    use std::collections::HashMap;
-
-    /// The slots a migration holds while it runs.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct InFlight {
-        pub source_cluster: String,
-        pub target_cluster: String,
-        pub source_node: String,
-        /// Its bandwidth limit (0: unlimited, which takes a limited pair's whole budget).
-        pub bandwidth_bytes_per_sec: u64,
-    }
-
-    /// A queued migration, in queue order.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct Candidate {
-        pub vm: String,
-        pub slot: InFlight,
-    }
-
-    #[derive(Debug, Clone, Default)]
-    pub struct Limits {
-        pub max_in_flight: usize,
-        /// 0: unlimited.
-        pub pair_bandwidth_bytes_per_sec: u64,
-        /// parallelMigrationsPerCluster by cluster (a migration counts at source and target).
-        pub per_cluster: HashMap<String, usize>,
-        /// parallelOutboundMigrationsPerNode by (source) cluster.
-        pub outbound_per_node: HashMap<String, usize>,
-    }
-
-    /// Default per-cluster limits for a cluster not in `Limits` (KubeVirt's defaults).
-    const DEFAULT_PER_CLUSTER: usize = 5;
-    const DEFAULT_PER_NODE: usize = 2;
-
-    /// The indexes of `queued` to admit now, in queue order: each one fits every limit together
-    /// with what runs and what was admitted before it; one that does not fit is skipped, not
-    /// waited for, so a busy pair or node never holds up the rest of the queue. A VM is
-    /// admitted at most once per round.
-    pub fn admit(limits: &Limits, running: &[InFlight], queued: &[Candidate]) -> Vec<usize> {
-        let mut total = running.len();
-        let mut per_cluster: HashMap<&str, usize> = HashMap::new();
-        let mut per_node: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut pair_bandwidth: HashMap<(&str, &str), u64> = HashMap::new();
-        let budget = limits.pair_bandwidth_bytes_per_sec;
-        let reserve = |bandwidth: u64| {
-            if bandwidth == 0 || bandwidth > budget {
-                budget
-            } else {
-                bandwidth
-            }
-        };
-        for m in running {
-            *per_cluster.entry(&m.source_cluster).or_default() += 1;
-            *per_cluster.entry(&m.target_cluster).or_default() += 1;
-            *per_node
-                .entry((&m.source_cluster, &m.source_node))
-                .or_default() += 1;
-            if budget > 0 {
-                *pair_bandwidth
-                    .entry((&m.source_cluster, &m.target_cluster))
-                    .or_default() += reserve(m.bandwidth_bytes_per_sec);
-            }
-        }
-        let cluster_limit = |c: &str| {
-            limits
-                .per_cluster
-                .get(c)
-                .copied()
-                .unwrap_or(DEFAULT_PER_CLUSTER)
-        };
-        let node_limit = |c: &str| {
-            limits
-                .outbound_per_node
-                .get(c)
-                .copied()
-                .unwrap_or(DEFAULT_PER_NODE)
-        };
-        let mut chosen = Vec::new();
-        let mut vms: std::collections::HashSet<&str> = std::collections::HashSet::new();
-        for (index, candidate) in queued.iter().enumerate() {
-            if total >= limits.max_in_flight {
-                break;
-            }
-            let m = &candidate.slot;
-            let (s, t) = (m.source_cluster.as_str(), m.target_cluster.as_str());
-            let fits = vms.insert(candidate.vm.as_str())
-                && per_cluster.get(s).copied().unwrap_or(0) < cluster_limit(s)
-                && per_cluster.get(t).copied().unwrap_or(0) < cluster_limit(t)
-                && per_node
-                    .get(&(s, m.source_node.as_str()))
-                    .copied()
-                    .unwrap_or(0)
-                    < node_limit(s)
-                && (budget == 0
-                    || pair_bandwidth.get(&(s, t)).copied().unwrap_or(0)
-                        + reserve(m.bandwidth_bytes_per_sec)
-                        <= budget);
-            if !fits {
-                continue;
-            }
-            total += 1;
-            *per_cluster.entry(s).or_default() += 1;
-            *per_cluster.entry(t).or_default() += 1;
-            *per_node.entry((s, m.source_node.as_str())).or_default() += 1;
-            if budget > 0 {
-                *pair_bandwidth.entry((s, t)).or_default() += reserve(m.bandwidth_bytes_per_sec);
-            }
-            chosen.push(index);
-        }
-        chosen
-    }
-}
