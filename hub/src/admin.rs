@@ -12,8 +12,8 @@ use drover_graphql::{
 };
 use sea_orm::{QueryOrder, QuerySelect};
 
-use crate::evacuations::{self, EvacuationState, PlanReport, PlanRequest};
-use crate::placement::{Plan, RebalanceGoal};
+use crate::evacuations::{self, EvacuationState, PlanRequest};
+use crate::planner::{Plan, PlanKind, RebalanceOptions};
 use crate::policies;
 use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::MigrationPhase;
@@ -135,83 +135,79 @@ fn plan_request(ask: &PlanAsk) -> PlanRequest {
             min_improvement,
             max_moves,
             hold_down,
-        } => PlanRequest::Rebalance(RebalanceGoal {
+        } => PlanRequest::Rebalance(RebalanceOptions {
             band: *band,
             min_improvement: *min_improvement,
             max_moves: *max_moves,
-            not_moved_since: Utc::now()
-                - chrono::Duration::from_std(*hold_down).unwrap_or(chrono::Duration::zero()),
+            hold_down_secs: hold_down.as_secs(),
+            last_rebalance_at: None,
+            recently_moved_secs: hold_down.as_secs(),
         }),
     }
 }
 
-fn plan_record(report: PlanReport) -> PlanRecord {
-    let limits = &report.limits;
-    let int = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+fn plan_record(plan: Plan) -> PlanRecord {
+    let long = |v: u64| v.min(i64::MAX as u64) as i64;
+    let limits = &plan.limits;
     PlanRecord {
-        kind: report.kind.to_owned(),
-        cluster: report.cluster,
-        moves: report
-            .plan
+        kind: match plan.kind {
+            PlanKind::Evacuation { .. } => "evacuation",
+            PlanKind::Rebalance => "rebalance",
+            PlanKind::Move { .. } => "move",
+        }
+        .to_owned(),
+        cluster: evacuations::evacuated(&plan).map(|c| c.to_string()),
+        moves: plan
             .moves
-            .into_iter()
+            .iter()
             .map(|m| PlannedMoveRecord {
-                namespace: m.namespace,
-                name: m.name,
-                source_cluster: m.source_cluster,
-                source_node: m.source_node,
-                target_cluster: m.target_cluster,
-                target_node: m.target_node,
-                memory_bytes: m.memory_bytes.min(i64::MAX as u64) as i64,
-                disk_bytes: m.disk_bytes.min(i64::MAX as u64) as i64,
+                namespace: m.vm.namespace.to_string(),
+                name: m.vm.name.to_string(),
+                source_cluster: m.vm.cluster.to_string(),
+                source_node: m.source_node.clone(),
+                target_cluster: m.target_cluster.to_string(),
+                target_node: m.target_node.clone(),
+                memory_bytes: long(m.memory_bytes),
+                disk_bytes: long(m.disk_bytes),
             })
             .collect(),
-        cannot_move: report
-            .plan
+        cannot_move: plan
             .cannot_move
-            .into_iter()
+            .iter()
             .map(|c| CannotMoveRecord {
-                namespace: c.namespace,
-                name: c.name,
-                cluster: c.cluster,
-                reasons: c.reasons,
+                namespace: c.vm.namespace.to_string(),
+                name: c.vm.name.to_string(),
+                cluster: c.vm.cluster.to_string(),
+                reasons: c.reasons.iter().map(|r| r.to_string()).collect(),
             })
             .collect(),
-        max_in_flight: int(&limits["maxInFlight"]),
-        pair_bandwidth_bytes_per_sec: int(&limits["pairBandwidthBytesPerSec"]),
-        max_attempts: int(&limits["maxAttempts"]),
-        cluster_limits: limits["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        max_in_flight: limits.max_in_flight as i64,
+        pair_bandwidth_bytes_per_sec: limits
+            .pairs
+            .iter()
+            .map(|p| long(p.bytes_per_sec))
+            .max()
+            .unwrap_or(0),
+        max_attempts: i64::from(limits.max_attempts),
+        cluster_limits: limits
+            .clusters
+            .iter()
             .map(|c| ClusterLimitsRecord {
-                cluster: c["cluster"].as_str().unwrap_or_default().to_owned(),
-                parallel_migrations_per_cluster: int(&c["parallelMigrationsPerCluster"]),
-                parallel_outbound_migrations_per_node: int(&c["parallelOutboundMigrationsPerNode"]),
-                bandwidth_per_migration: int(&c["bandwidthPerMigration"]),
+                cluster: c.cluster.to_string(),
+                parallel_migrations_per_cluster: i64::from(c.parallel_migrations_per_cluster),
+                parallel_outbound_migrations_per_node: i64::from(
+                    c.parallel_outbound_migrations_per_node,
+                ),
+                bandwidth_per_migration: long(c.bandwidth_per_migration),
             })
             .collect(),
-        estimated_seconds: report.plan.estimated_seconds,
+        estimated_seconds: plan.estimate.seconds,
     }
 }
 
-/// A stored evacuation's plan, as the API shows it.
-fn stored_plan(e: &evacuation::Model) -> PlanReport {
-    let plan: Plan = Plan {
-        moves: serde_json::from_value(e.plan["moves"].clone()).unwrap_or_default(),
-        cannot_move: serde_json::from_value(e.plan["cannotMove"].clone()).unwrap_or_default(),
-        estimated_seconds: e.plan["estimatedSeconds"].as_f64().unwrap_or(0.0),
-    };
-    PlanReport {
-        kind: if e.kind == "rebalance" {
-            "rebalance"
-        } else {
-            "evacuation"
-        },
-        cluster: e.plan["cluster"].as_str().map(str::to_owned),
-        plan,
-        limits: e.limits.clone(),
-    }
+/// A stored evacuation's plan.
+fn stored_plan(e: &evacuation::Model) -> Option<Plan> {
+    serde_json::from_value(e.plan.clone()).ok()
 }
 
 impl HubAdmin {
@@ -236,9 +232,17 @@ impl HubAdmin {
         Ok(EvacuationRecord {
             id: e.id,
             kind: e.kind.clone(),
-            cluster: e.plan["cluster"].as_str().map(str::to_owned),
+            cluster: stored_plan(&e)
+                .as_ref()
+                .and_then(evacuations::evacuated)
+                .map(|c| c.to_string()),
             state: e.state.clone(),
-            plan: plan_record(stored_plan(&e)),
+            plan: stored_plan(&e).map(plan_record).ok_or_else(|| {
+                AdminError::Read(ReadError::Internal(format!(
+                    "evacuation {}'s stored plan is unreadable",
+                    e.id
+                )))
+            })?,
             planned: c.planned,
             queued: c.queued,
             running: c.running,
@@ -257,10 +261,10 @@ impl HubAdmin {
 #[async_trait]
 impl FleetAdmin for HubAdmin {
     async fn plan(&self, ask: PlanAsk) -> Result<PlanRecord, AdminError> {
-        let report = evacuations::plan(&self.store, &plan_request(&ask), self.scheduler.settings())
+        let plan = evacuations::plan(&self.store, &plan_request(&ask), self.scheduler.settings())
             .await
             .map_err(migrate_err)?;
-        Ok(plan_record(report))
+        Ok(plan_record(plan))
     }
 
     async fn start_plan(

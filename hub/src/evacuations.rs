@@ -5,11 +5,14 @@
 //! a failed move when that is safe, and ending an evacuation when all its migrations have ended.
 //! Its counters are counted from its migrations' rows, so they are right after any restart.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
-use drover_shared::inventory::{MigrationConfig, MigrationPhase, VmPhase};
+use drover_shared::inventory::{
+    ClusterHealth, ClusterInfo, MigrationPhase, NodeInfo, RunStrategy, RuntimeKind, VmInfo, VmPhase,
+};
 use drover_shared::migration::MigrationOptions;
+use drover_shared::{ClusterName, Namespace, VmName, VmRef};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
 };
@@ -17,10 +20,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::admission::{AdmissionLimits, PairBandwidth};
 use crate::migrations::{MigrateError, Migrations, QueuedMigration};
-use crate::placement::{self, ClusterView, NodeView, Plan, RebalanceGoal, VmView};
+use crate::planner::{
+    self, Fleet, FleetCluster, Plan, PlanKind, PlanOptions, RebalanceOptions, Reservation,
+};
 use crate::scheduler::SchedulerSettings;
-use crate::store::entities::{cluster, evacuation, migration, node, vm, vm_label};
+use crate::store::entities::{cluster, cluster_label, evacuation, migration, node, vm, vm_label};
 use crate::store::{Store, StoreError};
 
 /// Where an evacuation stands.
@@ -59,16 +65,7 @@ impl EvacuationState {
 #[derive(Debug, Clone)]
 pub enum PlanRequest {
     Evacuation { cluster: String },
-    Rebalance(RebalanceGoal),
-}
-
-/// A plan with the limits that will apply.
-#[derive(Debug, Clone)]
-pub struct PlanReport {
-    pub kind: &'static str,
-    pub cluster: Option<String>,
-    pub plan: Plan,
-    pub limits: serde_json::Value,
+    Rebalance(RebalanceOptions),
 }
 
 /// An evacuation's counters, counted from its migrations.
@@ -90,125 +87,178 @@ fn json_list(value: &serde_json::Value) -> Vec<String> {
     serde_json::from_value(value.clone()).unwrap_or_default()
 }
 
-/// The fleet as the planner sees it.
-pub async fn load_fleet(store: &Store) -> Result<Vec<ClusterView>, StoreError> {
+/// The fleet as the planner sees it: every cluster with its nodes and VMs, the memory, MACs and
+/// names that queued and running migrations hold on their targets, the policies, and when each
+/// VM last moved.
+pub async fn load_fleet(store: &Store) -> Result<Fleet, StoreError> {
     let db = &store.db;
     let clusters = cluster::Entity::find()
         .order_by_asc(cluster::Column::Name)
         .all(db)
         .await?;
+    let mut cluster_labels: HashMap<Uuid, BTreeMap<String, String>> = HashMap::new();
+    for l in cluster_label::Entity::find().all(db).await? {
+        cluster_labels
+            .entry(l.cluster_id)
+            .or_default()
+            .insert(l.key, l.value);
+    }
     let nodes = node::Entity::find().all(db).await?;
     let vms = vm::Entity::find().all(db).await?;
     let mut labels: HashMap<Uuid, BTreeMap<String, String>> = HashMap::new();
     for l in vm_label::Entity::find().all(db).await? {
         labels.entry(l.vm_id).or_default().insert(l.key, l.value);
     }
-    let active = migration::Entity::find()
-        .filter(
-            migration::Column::Phase.is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
-        )
-        .all(db)
-        .await?;
-    let migrating: HashSet<&str> = active.iter().map(|m| m.vm_uid.as_str()).collect();
-    let mut reserved: HashMap<Uuid, u64> = HashMap::new();
-    let memory_of: HashMap<&str, i64> = vms
-        .iter()
-        .map(|v| (v.uid.as_str(), v.memory_bytes))
-        .collect();
-    for m in &active {
-        if let Some(t) = m.target_cluster_id {
-            let memory = memory_of
-                .get(m.vm_uid.as_str())
-                .copied()
-                .unwrap_or(0)
-                .max(0) as u64;
-            *reserved.entry(t).or_default() += memory;
-        }
+    let names: HashMap<Uuid, &str> = clusters.iter().map(|c| (c.id, c.name.as_str())).collect();
+    let vm_info = |v: &vm::Model, labels: BTreeMap<String, String>| VmInfo {
+        namespace: v.namespace.clone(),
+        name: v.name.clone(),
+        uid: v.uid.clone(),
+        run_strategy: RunStrategy::parse(&v.run_strategy).unwrap_or(RunStrategy::Always),
+        phase: VmPhase::parse(&v.phase).unwrap_or(VmPhase::Unknown),
+        node: v.node_name.clone(),
+        memory_bytes: v.memory_bytes.max(0) as u64,
+        vcpus: v.vcpus.max(0) as u32,
+        disks: serde_json::from_value(v.disks.clone()).unwrap_or_default(),
+        interfaces: serde_json::from_value(v.interfaces.clone()).unwrap_or_default(),
+        labels,
+        migratable: v.migratable,
+        non_migratable_reasons: json_list(&v.non_migratable_reasons),
+        generation: v.generation.max(0) as u64,
+    };
+    let mut by_uid: HashMap<&str, (&vm::Model, BTreeMap<String, String>)> = HashMap::new();
+    for v in &vms {
+        by_uid.insert(
+            v.uid.as_str(),
+            (v, labels.get(&v.id).cloned().unwrap_or_default()),
+        );
     }
-    let mut last_moved: HashMap<String, DateTime<Utc>> = HashMap::new();
-    for m in migration::Entity::find()
-        .filter(migration::Column::Phase.eq(MigrationPhase::Succeeded.as_str()))
-        .all(db)
-        .await?
-    {
-        if let Some(at) = m.finished_at {
-            let e = last_moved.entry(m.vm_uid).or_insert(at);
-            *e = (*e).max(at);
-        }
-    }
-    let mut views = Vec::with_capacity(clusters.len());
-    for c in clusters {
-        let config: MigrationConfig =
-            serde_json::from_value(c.migration_config.clone()).unwrap_or_default();
-        let storage: Vec<serde_json::Value> =
-            serde_json::from_value(c.storage_classes.clone()).unwrap_or_default();
-        views.push(ClusterView {
-            ready: c.health == drover_shared::inventory::ClusterHealth::Ready.as_str(),
-            health: c.health.clone(),
+    let mut fleet = Fleet::default();
+    for c in &clusters {
+        let Ok(name) = ClusterName::new(c.name.clone()) else {
+            continue;
+        };
+        fleet.clusters.push(FleetCluster {
+            name,
+            health: ClusterHealth::parse(&c.health).unwrap_or(ClusterHealth::Unreachable),
             cordoned: c.maintenance,
-            runtime: c.runtime.clone(),
-            virtualization_version: c.virtualization_version.clone(),
-            cpu_models: json_list(&c.cpu_models),
-            feature_gates: json_list(&c.feature_gates),
-            storage_classes: storage
-                .iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_owned))
-                .collect(),
-            networks: json_list(&c.networks),
-            sync_endpoint: c.sync_endpoint.as_deref().is_some_and(|s| !s.is_empty()),
+            info: ClusterInfo {
+                runtime: RuntimeKind::parse(&c.runtime).unwrap_or(RuntimeKind::Kubevirt),
+                platform_version: c.platform_version.clone(),
+                virtualization_version: c.virtualization_version.clone(),
+                labels: cluster_labels.remove(&c.id).unwrap_or_default(),
+                cpu_models: json_list(&c.cpu_models),
+                feature_gates: json_list(&c.feature_gates),
+                migration_config: serde_json::from_value(c.migration_config.clone())
+                    .unwrap_or_default(),
+                storage_classes: serde_json::from_value(c.storage_classes.clone())
+                    .unwrap_or_default(),
+                networks: json_list(&c.networks),
+                sync_endpoint: c.sync_endpoint.clone().filter(|s| !s.is_empty()),
+            },
             nodes: nodes
                 .iter()
                 .filter(|n| n.cluster_id == c.id)
-                .map(|n| NodeView {
+                .map(|n| NodeInfo {
                     name: n.name.clone(),
                     cpu_model: n.cpu_model.clone(),
                     allocatable_memory_bytes: n.allocatable_memory_bytes.max(0) as u64,
+                    allocatable_cpu_millis: n.allocatable_cpu_millis.max(0) as u64,
                     requested_memory_bytes: n.requested_memory_bytes.max(0) as u64,
+                    requested_cpu_millis: n.requested_cpu_millis.max(0) as u64,
                     schedulable: n.schedulable,
+                    labels: serde_json::from_value(n.labels.clone()).unwrap_or_default(),
                 })
                 .collect(),
             vms: vms
                 .iter()
                 .filter(|v| v.cluster_id == c.id)
-                .map(|v| {
-                    let disks = v.disks.as_array().cloned().unwrap_or_default();
-                    let interfaces = v.interfaces.as_array().cloned().unwrap_or_default();
-                    VmView {
-                        uid: v.uid.clone(),
-                        namespace: v.namespace.clone(),
-                        name: v.name.clone(),
-                        node: v.node_name.clone(),
-                        running: v.phase == VmPhase::Running.as_str(),
-                        memory_bytes: v.memory_bytes.max(0) as u64,
-                        disk_bytes: disks.iter().filter_map(|d| d["sizeBytes"].as_u64()).sum(),
-                        storage_classes: disks
-                            .iter()
-                            .filter_map(|d| d["storageClass"].as_str().map(str::to_owned))
-                            .filter(|s| !s.is_empty())
-                            .collect(),
-                        networks: interfaces
-                            .iter()
-                            .filter_map(|i| i["network"].as_str().map(str::to_owned))
-                            .collect(),
-                        macs: interfaces
-                            .iter()
-                            .filter_map(|i| i["mac"].as_str().map(str::to_owned))
-                            .collect(),
-                        labels: labels.remove(&v.id).unwrap_or_default(),
-                        migratable: v.migratable,
-                        non_migratable_reasons: json_list(&v.non_migratable_reasons),
-                        last_moved_at: last_moved.get(&v.uid).copied(),
-                        migrating: migrating.contains(v.uid.as_str()),
-                    }
-                })
+                .map(|v| vm_info(v, labels.get(&v.id).cloned().unwrap_or_default()))
                 .collect(),
-            reserved_memory_bytes: reserved.get(&c.id).copied().unwrap_or(0),
-            bandwidth_per_migration: config.bandwidth_per_migration,
-            parallel_migrations: config.parallel_migrations_per_cluster as usize,
-            name: c.name,
+            namespace_labels: BTreeMap::new(),
         });
     }
-    Ok(views)
+    for m in migration::Entity::find()
+        .filter(
+            migration::Column::Phase.is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
+        )
+        .all(db)
+        .await?
+    {
+        let (Ok(source), Ok(target), Ok(namespace), Ok(name)) = (
+            ClusterName::new(m.source_cluster_name.clone()),
+            ClusterName::new(m.target_cluster_name.clone()),
+            Namespace::new(m.vm_namespace.clone()),
+            VmName::new(m.vm_name.clone()),
+        ) else {
+            continue;
+        };
+        let (memory, macs, labels) = match by_uid.get(m.vm_uid.as_str()) {
+            Some((v, labels)) => (
+                v.memory_bytes.max(0) as u64,
+                vm_info(v, BTreeMap::new())
+                    .interfaces
+                    .into_iter()
+                    .map(|i| i.mac)
+                    .collect(),
+                labels.clone(),
+            ),
+            None => (0, Vec::new(), BTreeMap::new()),
+        };
+        fleet.reservations.push(Reservation {
+            migration_id: m.id,
+            vm: VmRef {
+                cluster: source,
+                namespace,
+                name,
+            },
+            target_cluster: target,
+            target_node: None,
+            target_namespace: m.target_namespace.clone(),
+            memory_bytes: memory,
+            macs,
+            labels,
+        });
+    }
+    fleet.policies = crate::policies::load(store).await?;
+    for m in migration::Entity::find()
+        .filter(migration::Column::Phase.eq(MigrationPhase::Succeeded.as_str()))
+        .all(db)
+        .await?
+    {
+        let (Some(at), Some(Ok(cluster)), Ok(namespace), Ok(name)) = (
+            m.finished_at,
+            m.target_cluster_id
+                .and_then(|t| names.get(&t).map(|n| ClusterName::new(n.to_string()))),
+            Namespace::new(m.target_namespace.clone()),
+            VmName::new(m.vm_name.clone()),
+        ) else {
+            continue;
+        };
+        let key = VmRef {
+            cluster,
+            namespace,
+            name,
+        };
+        let e = fleet.last_moved.entry(key).or_insert(at);
+        *e = (*e).max(at);
+    }
+    Ok(fleet)
+}
+
+/// How the hub plans: its scheduler's limits, now.
+fn plan_options(settings: SchedulerSettings) -> PlanOptions {
+    let mut options = PlanOptions::new(Uuid::now_v7(), Utc::now());
+    options.limits = AdmissionLimits {
+        max_in_flight: settings.max_in_flight,
+        max_attempts: settings.max_attempts.max(1) as u32,
+        clusters: BTreeMap::new(),
+        pair_bandwidth: PairBandwidth {
+            default_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
+            pairs: Vec::new(),
+        },
+    };
+    options
 }
 
 /// Cordons (or uncordons) a cluster; cordoning again keeps the first time. False when there is
@@ -242,59 +292,47 @@ pub async fn plan(
     store: &Store,
     request: &PlanRequest,
     settings: SchedulerSettings,
-) -> Result<PlanReport, MigrateError> {
+) -> Result<Plan, MigrateError> {
     let fleet = load_fleet(store).await?;
-    let configs: BTreeMap<String, MigrationConfig> = cluster::Entity::find()
-        .all(&store.db)
-        .await?
-        .into_iter()
-        .map(|c| {
-            (
-                c.name,
-                serde_json::from_value(c.migration_config).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let (kind, cluster, plan) = match request {
+    let options = plan_options(settings);
+    Ok(match request {
         PlanRequest::Evacuation { cluster } => {
-            if !fleet.iter().any(|c| &c.name == cluster) {
+            let name = ClusterName::new(cluster.clone())
+                .map_err(|e| MigrateError::NotFound(e.to_string()))?;
+            if !fleet.clusters.iter().any(|c| c.name == name) {
                 return Err(MigrateError::NotFound(format!(
                     "cluster \"{cluster}\" is not in the fleet; `clusters` lists the clusters there are"
                 )));
             }
-            (
-                "evacuation",
-                Some(cluster.clone()),
-                placement::plan_evacuation(&fleet, cluster, settings.max_in_flight),
-            )
+            planner::plan_evacuation(&fleet, &name, &options)
         }
-        PlanRequest::Rebalance(goal) => (
-            "rebalance",
-            None,
-            placement::plan_rebalance(&fleet, *goal, settings.max_in_flight),
-        ),
-    };
-    let involved: BTreeMap<String, MigrationConfig> = configs
-        .into_iter()
-        .filter(|(name, _)| {
-            cluster.as_ref() == Some(name)
-                || plan
-                    .moves
-                    .iter()
-                    .any(|m| &m.source_cluster == name || &m.target_cluster == name)
-        })
-        .collect();
-    Ok(PlanReport {
-        kind,
-        cluster,
-        limits: crate::scheduler::limits_report(settings, &involved),
-        plan,
+        PlanRequest::Rebalance(goal) => {
+            let last = evacuation::Entity::find()
+                .filter(evacuation::Column::Kind.eq("rebalance"))
+                .order_by_desc(evacuation::Column::CreatedAt)
+                .one(&store.db)
+                .await?;
+            let goal = RebalanceOptions {
+                last_rebalance_at: last.map(|e| e.created_at),
+                ..goal.clone()
+            };
+            planner::plan_rebalance(&fleet, &options, &goal)
+        }
     })
+}
+
+/// The cluster a plan evacuates.
+pub fn evacuated(plan: &Plan) -> Option<&ClusterName> {
+    match &plan.kind {
+        PlanKind::Evacuation { source_cluster } => Some(source_cluster),
+        _ => None,
+    }
 }
 
 /// Starts a plan: re-plans on the fleet as it is now, refuses when a VM cannot move (unless
 /// `allow_partial`), cordons the evacuated cluster, stores the evacuation and queues one
-/// migration per move in plan order. Returns the evacuation's id.
+/// migration per move in plan order (under the move's stable id, so nothing is queued twice).
+/// Returns the evacuation's id.
 pub async fn start(
     store: &Store,
     migrations: &Migrations,
@@ -307,35 +345,31 @@ pub async fn start(
         // Nothing new lands on it from now on, not even while the plan is made.
         cordon(store, cluster, true).await?;
     }
-    let report = plan(store, request, settings).await?;
-    if !report.plan.cannot_move.is_empty() && !allow_partial {
-        let reasons = report
-            .plan
+    let plan = plan(store, request, settings).await?;
+    if !plan.cannot_move.is_empty() && !allow_partial {
+        let reasons = plan
             .cannot_move
             .iter()
             .map(|c| {
-                format!(
-                    "{}/{} on {}: {}",
-                    c.namespace,
-                    c.name,
-                    c.cluster,
-                    c.reasons.join(", ")
-                )
+                let why: Vec<String> = c.reasons.iter().map(|r| r.to_string()).collect();
+                format!("{}: {}", c.vm, why.join("; "))
             })
             .collect();
         return Err(MigrateError::Preflight(reasons));
     }
-    if report.plan.moves.is_empty()
-        && report.plan.cannot_move.is_empty()
-        && report.kind == "rebalance"
-    {
-        return Err(MigrateError::Conflict(
-            "the fleet is already balanced within the band; nothing to move".into(),
-        ));
+    if plan.moves.is_empty() && matches!(plan.kind, PlanKind::Rebalance) {
+        return Err(MigrateError::Conflict(format!(
+            "nothing to move: {}",
+            if plan.notes.is_empty() {
+                "the fleet is within the band".to_owned()
+            } else {
+                plan.notes.join("; ")
+            }
+        )));
     }
-    let id = Uuid::now_v7();
+    let id = plan.id;
     let now = Utc::now();
-    let source_id = match &report.cluster {
+    let source_id = match evacuated(&plan) {
         Some(name) => cluster::Entity::find()
             .filter(cluster::Column::Name.eq(name.as_str()))
             .one(&store.db)
@@ -343,18 +377,18 @@ pub async fn start(
             .map(|c| c.id),
         None => None,
     };
+    let kind = if matches!(plan.kind, PlanKind::Rebalance) {
+        "rebalance"
+    } else {
+        "evacuation"
+    };
     evacuation::ActiveModel {
         id: Set(id),
-        kind: Set(report.kind.to_owned()),
+        kind: Set(kind.to_owned()),
         cluster_id: Set(source_id),
         state: Set(EvacuationState::Running.as_str().to_owned()),
-        plan: Set(json!({
-            "cluster": report.cluster,
-            "moves": report.plan.moves,
-            "cannotMove": report.plan.cannot_move,
-            "estimatedSeconds": report.plan.estimated_seconds,
-        })),
-        limits: Set(report.limits.clone()),
+        plan: Set(json!(plan)),
+        limits: Set(json!(plan.limits)),
         counters: Set(json!({})),
         deadline: Set(None),
         schedule_id: Set(None),
@@ -365,55 +399,41 @@ pub async fn start(
     }
     .insert(&store.db)
     .await?;
-    let clusters: HashMap<String, cluster::Model> = cluster::Entity::find()
+    let clusters: HashMap<String, Uuid> = cluster::Entity::find()
         .all(&store.db)
         .await?
         .into_iter()
-        .map(|c| (c.name.clone(), c))
+        .map(|c| (c.name, c.id))
         .collect();
-    let policies = crate::policies::load(store).await?;
-    let fleet = load_fleet(store).await?;
-    let labels_of: HashMap<&str, &BTreeMap<String, String>> = fleet
-        .iter()
-        .flat_map(|c| c.vms.iter().map(|v| (v.uid.as_str(), &v.labels)))
-        .collect();
-    for (position, m) in report.plan.moves.iter().enumerate() {
-        let (Some(source), Some(target)) = (
-            clusters.get(&m.source_cluster),
-            clusters.get(&m.target_cluster),
+    for m in &plan.moves {
+        let (Some(&source), Some(&target)) = (
+            clusters.get(m.vm.cluster.as_str()),
+            clusters.get(m.target_cluster.as_str()),
         ) else {
             continue;
         };
-        let config: MigrationConfig =
-            serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
-        let empty = BTreeMap::new();
-        let options = crate::policies::options_for(
-            labels_of.get(m.vm_uid.as_str()).copied().unwrap_or(&empty),
-            &crate::policies::namespace_labels(&m.namespace),
-            &policies,
-            &config,
-        );
         migrations
-            .enqueue(
+            .enqueue_with_id(
+                m.id,
                 QueuedMigration {
                     vm_uid: m.vm_uid.clone(),
-                    namespace: m.namespace.clone(),
-                    name: m.name.clone(),
-                    source_cluster: (source.id, source.name.clone()),
-                    target_cluster: (target.id, target.name.clone()),
-                    target_namespace: m.namespace.clone(),
+                    namespace: m.vm.namespace.to_string(),
+                    name: m.vm.name.to_string(),
+                    source_cluster: (source, m.vm.cluster.to_string()),
+                    target_cluster: (target, m.target_cluster.to_string()),
+                    target_namespace: m.target_namespace.clone(),
                     source_node: m.source_node.clone(),
-                    planned_bytes: (m.memory_bytes + m.disk_bytes).min(i64::MAX as u64) as i64,
-                    options,
+                    planned_bytes: m.bytes.min(i64::MAX as u64) as i64,
+                    options: m.options,
                     evacuation_id: Some(id),
-                    queue_position: position as i64,
+                    queue_position: m.position.min(i64::MAX as u64) as i64,
                     attempt: 1,
                 },
                 actor,
             )
             .await?;
     }
-    tracing::info!(evacuation = %id, kind = report.kind, moves = report.plan.moves.len(), cannot_move = report.plan.cannot_move.len(), "started");
+    tracing::info!(evacuation = %id, kind, moves = plan.moves.len(), cannot_move = plan.cannot_move.len(), "started");
     Ok(id)
 }
 
@@ -666,7 +686,7 @@ pub fn estimated_finish(
         .map(|m| m.planned_bytes)
         .sum();
     if done <= 0 {
-        let planned = e.plan["estimatedSeconds"].as_f64()?;
+        let planned = e.plan["estimate"]["seconds"].as_f64()?;
         return Some(started + chrono::Duration::milliseconds((planned * 1000.0) as i64));
     }
     let elapsed = (now - started).num_milliseconds().max(1) as f64;

@@ -12,7 +12,6 @@ pub mod ingest;
 pub mod migration_trace;
 pub mod migrations;
 pub mod pki;
-pub mod placement;
 pub mod planner;
 pub mod policies;
 pub mod read;

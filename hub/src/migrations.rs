@@ -264,7 +264,7 @@ impl Migrations {
             serde_json::from_value(target.feature_gates.clone()).unwrap_or_default();
         if !gates
             .iter()
-            .any(|g| g.eq_ignore_ascii_case(crate::placement::LIVE_MIGRATION_GATE))
+            .any(|g| g.eq_ignore_ascii_case(crate::planner::LIVE_MIGRATION_GATE))
         {
             problems.push(format!(
                 "target cluster {} does not enable decentralizedLiveMigration",

@@ -8,7 +8,7 @@
 //! restarts admits from the rows. It also retries failed migrations of an evacuation when that is
 //! safe, and ends evacuations whose migrations have all ended.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -240,22 +240,3 @@ fn request_of(row: &migration::Model) -> MigrationRequest {
         attempt: row.attempt.max(1) as u32,
     }
 }
-
-/// The limits that will apply to migrations between these clusters, for plans and reports.
-pub fn limits_report(
-    settings: SchedulerSettings,
-    configs: &BTreeMap<String, MigrationConfig>,
-) -> serde_json::Value {
-    json!({
-        "maxInFlight": settings.max_in_flight,
-        "pairBandwidthBytesPerSec": settings.pair_bandwidth_bytes_per_sec,
-        "maxAttempts": settings.max_attempts,
-        "clusters": configs.iter().map(|(name, c)| json!({
-            "cluster": name,
-            "parallelMigrationsPerCluster": c.parallel_migrations_per_cluster,
-            "parallelOutboundMigrationsPerNode": c.parallel_outbound_migrations_per_node,
-            "bandwidthPerMigration": c.bandwidth_per_migration,
-        })).collect::<Vec<_>>(),
-    })
-}
-
