@@ -355,6 +355,16 @@ pub enum AdmissionError {
     NotInFlight(Uuid),
 }
 
+/// What keeps a migration waiting, without the words (the hot path of a round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    FleetCap,
+    /// A cluster, node or VM slot.
+    Slots,
+    PairHeld,
+    PairBandwidth,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Queued,
@@ -421,6 +431,9 @@ pub struct Admitter {
     pair_running: Vec<u32>,
     vm_busy: Vec<bool>,
     vm_moved: Vec<bool>,
+    /// Queued migrations by source cluster: a round ends once no source with queued work
+    /// has a free slot.
+    queued_at_source: Vec<u32>,
     in_flight: usize,
 }
 
@@ -447,6 +460,7 @@ impl Admitter {
             pair_running: Vec::new(),
             vm_busy: Vec::new(),
             vm_moved: Vec::new(),
+            queued_at_source: Vec::new(),
             in_flight: 0,
         }
     }
@@ -461,6 +475,7 @@ impl Admitter {
             self.cluster_limit
                 .push(self.limits.slots(name).parallel_migrations_per_cluster);
             self.cluster_busy.push(0);
+            self.queued_at_source.push(0);
         }
         id
     }
@@ -523,6 +538,9 @@ impl Admitter {
             vm,
         });
         self.next_seq += 1;
+        if state == State::Queued {
+            self.queued_at_source[source] += 1;
+        }
         self.order.push(index);
         self.order_dirty = true;
         index
@@ -573,6 +591,24 @@ impl Admitter {
         self.in_flight -= 1;
     }
 
+    /// Moves entry `index` to `state`, keeping the per-source queue counts.
+    fn set_state(&mut self, index: usize, state: State) {
+        let e = &mut self.entries[index];
+        let source = e.source;
+        match (e.state == State::Queued, state == State::Queued) {
+            (true, false) => self.queued_at_source[source] -= 1,
+            (false, true) => self.queued_at_source[source] += 1,
+            _ => {}
+        }
+        e.state = state;
+    }
+
+    /// A source with queued work and a free slot: something might still be admitted from it.
+    fn source_open(&self, cluster: usize) -> bool {
+        self.queued_at_source[cluster] > 0
+            && self.cluster_busy[cluster] < self.cluster_limit[cluster]
+    }
+
     fn sort_order(&mut self) {
         if self.order_dirty {
             let entries = &self.entries;
@@ -583,54 +619,69 @@ impl Admitter {
         }
     }
 
-    /// The first limit that keeps entry `index` waiting, with the pairs held in this round.
-    fn first_block(&self, index: usize, held_pairs: &[Option<Uuid>]) -> Option<WaitReason> {
+    /// The first limit that keeps entry `index` waiting, with the pairs held in this round; the
+    /// same checks as [`Self::blocks`] in the same order, without building the words.
+    fn first_block(&self, index: usize, held_pairs: &[Option<Uuid>]) -> Option<Block> {
         let e = &self.entries[index];
         if self.in_flight >= self.limits.max_in_flight {
-            return Some(WaitReason::FleetCap {
-                max_in_flight: self.limits.max_in_flight,
-            });
+            return Some(Block::FleetCap);
         }
-        self.blocks(e, held_pairs, true).into_iter().next()
+        if self.cluster_busy[e.source] >= self.cluster_limit[e.source]
+            || self.cluster_busy[e.target] >= self.cluster_limit[e.target]
+            || self.node_busy[e.node] >= self.node_limit[e.node]
+            || self.vm_busy[e.vm]
+        {
+            return Some(Block::Slots);
+        }
+        if held_pairs
+            .get(e.pair)
+            .copied()
+            .flatten()
+            .is_some_and(|earlier| earlier != e.request.id)
+        {
+            return Some(Block::PairHeld);
+        }
+        let budget = self.pair_budget[e.pair];
+        if budget > 0
+            && self.pair_running[e.pair] > 0
+            && self.pair_reserved[e.pair]
+                + pair_reservation(e.request.bandwidth_bytes_per_sec, budget)
+                > budget
+        {
+            return Some(Block::PairBandwidth);
+        }
+        None
     }
 
-    /// Every limit (but the fleet cap) that keeps `e` waiting; only the first when `first`.
-    fn blocks(&self, e: &Entry, held_pairs: &[Option<Uuid>], first: bool) -> Vec<WaitReason> {
+    /// Every limit (but the fleet cap) that keeps `e` waiting, in words.
+    fn blocks(&self, e: &Entry, held_pairs: &[Option<Uuid>]) -> Vec<WaitReason> {
         let mut reasons = Vec::new();
         let r = &e.request;
-        macro_rules! block {
-            ($reason:expr) => {{
-                reasons.push($reason);
-                if first {
-                    return reasons;
-                }
-            }};
-        }
         if self.cluster_busy[e.source] >= self.cluster_limit[e.source] {
-            block!(WaitReason::SourceClusterSlots {
+            reasons.push(WaitReason::SourceClusterSlots {
                 cluster: r.source_cluster.clone(),
                 limit: self.cluster_limit[e.source],
             });
         }
         if self.cluster_busy[e.target] >= self.cluster_limit[e.target] {
-            block!(WaitReason::TargetClusterSlots {
+            reasons.push(WaitReason::TargetClusterSlots {
                 cluster: r.target_cluster.clone(),
                 limit: self.cluster_limit[e.target],
             });
         }
         if self.node_busy[e.node] >= self.node_limit[e.node] {
-            block!(WaitReason::SourceNodeSlots {
+            reasons.push(WaitReason::SourceNodeSlots {
                 cluster: r.source_cluster.clone(),
                 node: r.source_node.clone(),
                 limit: self.node_limit[e.node],
             });
         }
         if self.vm_busy[e.vm] {
-            block!(WaitReason::VmBusy { vm: r.vm.clone() });
+            reasons.push(WaitReason::VmBusy { vm: r.vm.clone() });
         }
         if let Some(earlier) = held_pairs.get(e.pair).copied().flatten() {
             if earlier != r.id {
-                block!(WaitReason::PairHeldForEarlier {
+                reasons.push(WaitReason::PairHeldForEarlier {
                     source: r.source_cluster.clone(),
                     target: r.target_cluster.clone(),
                     earlier,
@@ -642,7 +693,7 @@ impl Admitter {
             let needed = pair_reservation(r.bandwidth_bytes_per_sec, budget);
             let reserved = self.pair_reserved[e.pair];
             if reserved + needed > budget {
-                block!(WaitReason::PairBandwidth {
+                reasons.push(WaitReason::PairBandwidth {
                     source: r.source_cluster.clone(),
                     target: r.target_cluster.clone(),
                     budget_bytes_per_sec: budget,
@@ -661,40 +712,53 @@ impl Admitter {
         let mut admitted = Vec::new();
         let mut held_pairs: Vec<Option<Uuid>> = vec![None; self.pair_budget.len()];
         let mut first_waiting = None;
-        for k in self.scan_from..self.order.len() {
+        // Sources that might still give: once none is left the round is over (an evacuation
+        // from one full cluster costs one step, not a scan of the whole queue).
+        let mut open: Vec<bool> = (0..self.cluster_limit.len())
+            .map(|c| self.source_open(c))
+            .collect();
+        let mut open_count = open.iter().filter(|o| **o).count();
+        let mut k = self.scan_from;
+        while k < self.order.len() && open_count > 0 {
             let index = self.order[k];
-            let state = self.entries[index].state;
-            if state != State::Queued {
+            k += 1;
+            if self.entries[index].state != State::Queued {
                 continue;
             }
             if self.in_flight >= self.limits.max_in_flight {
-                first_waiting.get_or_insert(k);
+                first_waiting.get_or_insert(k - 1);
                 break;
             }
+            let (source, target) = (self.entries[index].source, self.entries[index].target);
             if self.vm_moved[self.entries[index].vm] {
-                self.entries[index].state = State::Superseded;
-                continue;
-            }
-            match self.first_block(index, &held_pairs) {
-                None => {
-                    self.entries[index].state = State::InFlight;
-                    self.hold(index);
-                    admitted.push(self.entries[index].request.id);
-                }
-                Some(reason) => {
-                    first_waiting.get_or_insert(k);
-                    if matches!(reason, WaitReason::PairBandwidth { .. }) {
-                        let pair = self.entries[index].pair;
-                        held_pairs[pair] = Some(self.entries[index].request.id);
+                self.set_state(index, State::Superseded);
+            } else {
+                match self.first_block(index, &held_pairs) {
+                    None => {
+                        self.set_state(index, State::InFlight);
+                        self.hold(index);
+                        admitted.push(self.entries[index].request.id);
+                    }
+                    Some(block) => {
+                        first_waiting.get_or_insert(k - 1);
+                        if block == Block::PairBandwidth {
+                            let pair = self.entries[index].pair;
+                            held_pairs[pair] = Some(self.entries[index].request.id);
+                        }
+                        continue;
                     }
                 }
             }
+            for c in [source, target] {
+                if open[c] && !self.source_open(c) {
+                    open[c] = false;
+                    open_count -= 1;
+                }
+            }
         }
-        // Nothing before the first waiting entry can be queued again except through a retry,
-        // which resets the scan start.
-        self.scan_from = first_waiting
-            .unwrap_or(self.order.len())
-            .min(self.order.len());
+        // Everything before `scan_from` has left the queue or is in flight; only a retry puts
+        // an entry back there, and it resets the scan start.
+        self.scan_from = first_waiting.unwrap_or(k).min(self.order.len());
         admitted
     }
 
@@ -716,7 +780,7 @@ impl Admitter {
                     max_in_flight: self.limits.max_in_flight,
                 });
             }
-            let rest = self.blocks(e, &held_pairs, false);
+            let rest = self.blocks(e, &held_pairs);
             // As in `admit_now`: a pair is held for a migration that waits for its bandwidth
             // and for nothing else.
             if matches!(rest.as_slice(), [WaitReason::PairBandwidth { .. }])
@@ -745,7 +809,7 @@ impl Admitter {
         self.release(index);
         match outcome {
             Outcome::Succeeded => {
-                self.entries[index].state = State::Succeeded;
+                self.set_state(index, State::Succeeded);
                 let vm = self.entries[index].vm;
                 self.vm_moved[vm] = true;
                 Ok(Finished::Succeeded)
@@ -754,16 +818,15 @@ impl Admitter {
                 let attempt = self.entries[index].request.attempt;
                 match retry_decision(attempt, self.limits.max_attempts, safety) {
                     RetryDecision::Retry { next_attempt } => {
-                        let e = &mut self.entries[index];
-                        e.request.attempt = next_attempt;
-                        e.state = State::Queued;
+                        self.entries[index].request.attempt = next_attempt;
+                        self.set_state(index, State::Queued);
                         self.scan_from = 0;
                         Ok(Finished::Requeued {
                             attempt: next_attempt,
                         })
                     }
                     RetryDecision::GiveUp { reason } => {
-                        self.entries[index].state = State::GaveUp;
+                        self.set_state(index, State::GaveUp);
                         Ok(Finished::GaveUp { reason })
                     }
                 }

@@ -89,11 +89,11 @@ pub fn estimate(
             ..PlanEstimate::default()
         };
     }
-    let report = simulation::simulate(
-        requests.to_vec(),
-        limits,
-        &SimulationSettings::deterministic(*durations),
-    );
+    let settings = SimulationSettings {
+        check_limits: false,
+        ..SimulationSettings::deterministic(*durations)
+    };
+    let report = simulation::simulate(requests.to_vec(), limits, &settings);
     PlanEstimate {
         seconds: report.makespan_seconds,
         lower_bound_seconds: report.lower_bound.seconds,

@@ -20,19 +20,62 @@ use super::{
 };
 use crate::admission::{pair_budgets, AdmissionLimits, ClusterSlots, PairBudget};
 
+/// A fast, non-cryptographic hasher (FxHash's multiply-rotate) for the planner's own indexes of
+/// MACs and names: these are hashed a few hundred thousand times per plan, and SipHash's
+/// resistance to chosen collisions buys nothing in a computation that only slows down.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+type FastSet<K> = HashSet<K, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// Parses a MAC address ("02:00:00:ab:cd:ef" or with '-') into 48 bits, without allocating.
 pub(crate) fn mac_key(mac: &str) -> Option<u64> {
     let bytes = mac.as_bytes();
     if bytes.len() != 17 {
         return None;
     }
+    fn hex(b: u8) -> Option<u64> {
+        match b {
+            b'0'..=b'9' => Some(u64::from(b - b'0')),
+            b'a'..=b'f' => Some(u64::from(b - b'a' + 10)),
+            b'A'..=b'F' => Some(u64::from(b - b'A' + 10)),
+            _ => None,
+        }
+    }
     let mut value = 0u64;
-    for (i, chunk) in bytes.chunks(3).enumerate() {
-        if i < 5 && chunk.len() == 3 && chunk[2] != b':' && chunk[2] != b'-' {
+    for i in 0..6 {
+        let at = i * 3;
+        if i < 5 && bytes[at + 2] != b':' && bytes[at + 2] != b'-' {
             return None;
         }
-        let hex = |b: u8| (b as char).to_digit(16).map(u64::from);
-        value = (value << 8) | (hex(chunk[0])? << 4) | hex(chunk[1])?;
+        value = (value << 8) | (hex(bytes[at])? << 4) | hex(bytes[at + 1])?;
     }
     Some(value)
 }
@@ -67,6 +110,16 @@ pub(crate) fn has_live_migration_gate(cluster: &FleetCluster) -> bool {
 pub(crate) fn disk_bytes(vm: &VmInfo) -> u64 {
     vm.disks.iter().map(|d| d.size_bytes).sum()
 }
+
+/// Utilisations within this step count as equal when spreading; between such targets, the one
+/// with the fewest bytes already planned towards it per migration slot wins, so that an
+/// evacuation spreads over many pairs and slots and ends sooner.
+pub(crate) const SPREAD_STEP: f64 = 0.005;
+
+/// How a target ranks for a VM, smallest first: misses its affinity group, meets its
+/// anti-affinity group, utilisation after in [`SPREAD_STEP`]s, bytes planned towards it per slot,
+/// exact utilisation after (as f64 bits), place in name order.
+type TargetRank = (bool, bool, u64, u64, u64, usize);
 
 /// A schedulable node's memory: what it has and what is asked of it.
 #[derive(Debug, Clone)]
@@ -121,12 +174,22 @@ impl<'a> ClusterLoad<'a> {
         self.max_load = self.nodes.iter().map(|n| n.load).max().unwrap_or(0);
     }
 
-    /// Memory utilisation in parts per million (a cluster with no memory counts as full).
-    pub(crate) fn utilisation_ppm(&self, extra: u64) -> u64 {
+    /// Memory utilisation after adding `extra` in steps of [`SPREAD_STEP`]: targets in the
+    /// same step count as equally loaded.
+    pub(crate) fn utilisation_step(&self, extra: u64) -> u64 {
         if self.allocatable == 0 {
             return u64::MAX;
         }
-        ((self.load as u128 + extra as u128) * 1_000_000 / self.allocatable as u128) as u64
+        ((self.load as f64 + extra as f64) / self.allocatable as f64 / SPREAD_STEP) as u64
+    }
+
+    /// Memory utilisation after adding `extra`, as the bits of a non-negative f64 (which order
+    /// like the numbers); a cluster with no memory counts as full.
+    pub(crate) fn utilisation_key(&self, extra: u64) -> u64 {
+        if self.allocatable == 0 {
+            return u64::MAX;
+        }
+        ((self.load as f64 + extra as f64) / self.allocatable as f64).to_bits()
     }
 
     pub(crate) fn utilisation(&self) -> f64 {
@@ -286,10 +349,10 @@ pub(crate) struct Engine<'a> {
     pub loads: Vec<ClusterLoad<'a>>,
     /// Each cluster's place in name order (ties go to the first name).
     rank: Vec<usize>,
-    macs: HashMap<u64, Vec<(usize, Holder)>>,
-    names: HashMap<(&'a str, &'a str), Vec<(usize, Holder)>>,
-    groups: HashMap<(GroupRule, &'a str), BTreeMap<usize, u32>>,
-    migrating: HashMap<(&'a str, &'a str, &'a str), Uuid>,
+    macs: FastMap<u64, Vec<(usize, Holder)>>,
+    names: FastMap<(&'a str, &'a str), Vec<(usize, Holder)>>,
+    groups: FastMap<(GroupRule, &'a str), BTreeMap<usize, u32>>,
+    migrating: FastMap<(&'a str, &'a str, &'a str), Uuid>,
     cluster_compat: HashMap<usize, Rc<Vec<usize>>>,
     pub movers: Vec<Mover<'a>>,
     placed: Vec<Placed>,
@@ -300,6 +363,9 @@ pub(crate) struct Engine<'a> {
     pub took: Vec<bool>,
     /// Rebalances: only these clusters may receive.
     pub receiving: Option<Vec<bool>>,
+    /// Bytes this plan sends to each cluster, per migration slot it has.
+    inbound_per_slot: Vec<u64>,
+    slots: Vec<u64>,
 }
 
 impl<'a> Engine<'a> {
@@ -325,10 +391,10 @@ impl<'a> Engine<'a> {
             drains: u64::from(options.nodes_draining_in_parallel),
             loads: cluster_loads(fleet),
             rank,
-            macs: HashMap::new(),
-            names: HashMap::new(),
-            groups: HashMap::new(),
-            migrating: HashMap::new(),
+            macs: FastMap::default(),
+            names: FastMap::default(),
+            groups: FastMap::default(),
+            migrating: FastMap::default(),
             cluster_compat: HashMap::new(),
             movers: Vec::new(),
             placed: Vec::new(),
@@ -337,6 +403,18 @@ impl<'a> Engine<'a> {
             gave: vec![false; n],
             took: vec![false; n],
             receiving: None,
+            inbound_per_slot: vec![0; n],
+            slots: fleet
+                .clusters
+                .iter()
+                .map(|c| {
+                    let slots = options.limits.clusters.get(c.name.as_str()).map_or(
+                        c.info.migration_config.parallel_migrations_per_cluster,
+                        |s| s.parallel_migrations_per_cluster,
+                    );
+                    u64::from(slots.max(1))
+                })
+                .collect(),
         };
         engine.index(movers);
         let mut signatures: HashMap<Needs, Rc<Vec<usize>>> = HashMap::new();
@@ -350,9 +428,9 @@ impl<'a> Engine<'a> {
     /// One pass over the fleet and its reservations for the MACs, names and groups that matter.
     fn index(&mut self, movers: &[(usize, usize)]) {
         let fleet = self.fleet;
-        let mut watched_macs: HashSet<u64> = HashSet::new();
-        let mut watched_names: HashSet<(&str, &str)> = HashSet::new();
-        let mut watched_groups: HashSet<(GroupRule, &str)> = HashSet::new();
+        let mut watched_macs: FastSet<u64> = FastSet::default();
+        let mut watched_names: FastSet<(&str, &str)> = FastSet::default();
+        let mut watched_groups: FastSet<(GroupRule, &str)> = FastSet::default();
         for &(c, v) in movers {
             let vm = &fleet.clusters[c].vms[v];
             watched_macs.extend(vm.interfaces.iter().filter_map(|i| mac_key(&i.mac)));
@@ -437,7 +515,7 @@ impl<'a> Engine<'a> {
         &mut self,
         labels: &'a BTreeMap<String, String>,
         cluster: usize,
-        watched: &HashSet<(GroupRule, &str)>,
+        watched: &FastSet<(GroupRule, &str)>,
         delta: i64,
     ) {
         for (rule, key) in [
@@ -785,7 +863,7 @@ impl<'a> Engine<'a> {
         let anti_affinity = self.options.anti_affinity;
         let mut rejected: Vec<usize> = Vec::new();
         loop {
-            let mut best: Option<((bool, bool, u64, usize), usize)> = None;
+            let mut best: Option<(TargetRank, usize)> = None;
             for &t in candidates {
                 if taken.binary_search(&t).is_ok() || rejected.contains(&t) {
                     continue;
@@ -809,14 +887,16 @@ impl<'a> Engine<'a> {
                 let score = (
                     miss_together,
                     hit_apart,
-                    load.utilisation_ppm(mover.memory),
+                    load.utilisation_step(mover.memory),
+                    self.inbound_per_slot[t],
+                    load.utilisation_key(mover.memory),
                     self.rank[t],
                 );
                 if best.as_ref().is_none_or(|(s, _)| score < *s) {
                     best = Some((score, t));
                 }
             }
-            let ((miss_together, hit_apart, _, _), t) = best?;
+            let ((miss_together, hit_apart, ..), t) = best?;
             match self.loads[t].choose_node(mover.memory, self.drains) {
                 None => rejected.push(t),
                 Some(node) => {
@@ -860,6 +940,7 @@ impl<'a> Engine<'a> {
         let t = choice.target;
         let node_name = self.loads[t].nodes[choice.node].name.to_owned();
         self.loads[t].add(choice.node, mover.memory);
+        self.inbound_per_slot[t] += (mover.memory + mover.disks) / self.slots[t];
         for mac in &mover.macs {
             self.macs
                 .entry(*mac)
@@ -1087,7 +1168,7 @@ impl<'a> Engine<'a> {
         let required_apart = self.options.anti_affinity == Enforcement::Required;
         let required_together =
             self.options.affinity == Enforcement::Required && !together.is_empty();
-        let mut order: Vec<((bool, bool, u64, usize), usize)> = candidates
+        let mut order: Vec<(TargetRank, usize)> = candidates
             .iter()
             .copied()
             .filter(|t| {
@@ -1101,7 +1182,9 @@ impl<'a> Engine<'a> {
                     (
                         !together.is_empty() && !together.contains(&t),
                         apart.contains(&t),
-                        self.loads[t].utilisation_ppm(total),
+                        self.loads[t].utilisation_step(total),
+                        self.inbound_per_slot[t],
+                        self.loads[t].utilisation_key(total),
                         self.rank[t],
                     ),
                     t,
