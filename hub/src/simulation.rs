@@ -769,6 +769,14 @@ mod tests {
             .log
             .iter()
             .all(|e| e.event != Event::Requeued || e.attempt < 3));
+        let json = serde_json::to_string(&one).unwrap();
+        let back: SimulationReport = serde_json::from_str(&json).unwrap();
+        // serde_json may round the last bit of a float; the log's instants are whole
+        // microseconds and survive exactly.
+        assert_eq!(back.log, one.log, "the log survives JSON");
+        assert_eq!(back.gave_up, one.gave_up);
+        assert_eq!(back.lower_bound.binding, one.lower_bound.binding);
+        assert!((back.lower_bound.seconds - one.lower_bound.seconds).abs() < 1e-9);
     }
 
     #[test]

@@ -660,6 +660,25 @@ mod tests {
             !reason.contains("outside the targets"),
             "a move to b names only b: {reason}"
         );
+        let to_c = plan_move(
+            &f,
+            &VmRef {
+                cluster: name("a"),
+                namespace: Namespace::new("web").unwrap(),
+                name: VmName::new("v").unwrap(),
+            },
+            Some(&name("c")),
+            &options(),
+        );
+        assert_eq!(to_c.moves.len(), 1);
+        assert_eq!(to_c.moves[0].target_node, "n1");
+        assert_eq!(
+            to_c.kind,
+            PlanKind::Move {
+                vm: to_c.moves[0].vm.clone(),
+                target_cluster: Some(name("c"))
+            }
+        );
     }
 
     #[test]
