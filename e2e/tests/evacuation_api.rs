@@ -19,6 +19,7 @@ on_both_backends!(
     an_evacuation_is_admitted_under_every_limit_and_cancels_cleanly,
     policies_choose_each_vms_settings,
     a_rebalance_moves_towards_the_band_and_holds_down,
+    migration_events_follow_an_evacuation,
 );
 
 /// A cluster with `vms` VMs of `vm_gib` on one node of `node_gib`, `parallel` migrations at a
@@ -415,4 +416,93 @@ async fn a_rebalance_moves_towards_the_band_and_holds_down(b: Backend) {
         )
         .await;
     assert_eq!(error_code(&bad).as_deref(), Some("BAD_USER_INPUT"), "{bad}");
+}
+
+async fn migration_events_follow_an_evacuation(b: Backend) {
+    use futures::StreamExt;
+    let h = TestHub::new(b, "evac_events").await.unwrap();
+    cluster(&h, "east", 1, 3, 1, 64, 2).await;
+    cluster(&h, "west", 2, 0, 1, 64, 2).await;
+    let mut events = h.hub.schema.execute_stream(
+        "subscription { migrationEvents { migrationId evacuationId vmName phase sourceCluster targetCluster } }",
+    );
+    // The subscription starts listening when first polled.
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), events.next()).await;
+    assert!(quiet.is_err(), "nothing happened yet");
+    let started = h
+        .data(
+            r#"mutation { startEvacuation(input: {cluster: "east"}) { id } }"#,
+            json!({}),
+        )
+        .await;
+    let id = started["startEvacuation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let scheduler = Scheduler::new(
+        h.hub.store.clone(),
+        h.hub.migrations.clone(),
+        SchedulerSettings::default(),
+    );
+    let admitted = scheduler.admit().await.unwrap();
+    assert_eq!(admitted.len(), 2, "two slots on each side");
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while seen.len() < 5 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the subscription stays open");
+        assert!(next.errors.is_empty(), "{:?}", next.errors);
+        let ev = next.data.into_json().unwrap()["migrationEvents"].clone();
+        assert_eq!(ev["evacuationId"], id.as_str(), "{ev}");
+        assert_eq!(
+            (ev["sourceCluster"].as_str(), ev["targetCluster"].as_str()),
+            (Some("east"), Some("west"))
+        );
+        seen.push((
+            ev["vmName"].as_str().unwrap().to_owned(),
+            ev["phase"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let pending = seen.iter().filter(|e| e.1 == "PENDING").count();
+    let scheduled = seen.iter().filter(|e| e.1 == "SCHEDULED").count();
+    assert_eq!(
+        (pending, scheduled),
+        (3, 2),
+        "queued three, admitted two: {seen:?}"
+    );
+    // A filter on another evacuation sees none of it.
+    let mut other = h.hub.schema.execute_stream(
+        "subscription { migrationEvents(evacuationId: \"00000000-0000-0000-0000-000000000000\") { phase } }",
+    );
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), other.next()).await;
+    assert!(quiet.is_err());
+    let migration = migrations_of(&h)
+        .await
+        .into_iter()
+        .find(|m| m.phase == "Pending")
+        .unwrap();
+    h.hub
+        .migrations
+        .cancel(migration.id, "tester")
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), other.next())
+            .await
+            .is_err(),
+        "a subscription for another evacuation stays quiet"
+    );
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+        .await
+        .expect("the cancel's event")
+        .unwrap()
+        .data
+        .into_json()
+        .unwrap();
+    assert_eq!(failed["migrationEvents"]["phase"], "FAILED", "{failed}");
+    assert_eq!(
+        failed["migrationEvents"]["vmName"],
+        migration.vm_name.as_str()
+    );
 }
