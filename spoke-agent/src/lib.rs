@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod identity;
+pub mod local_socket;
 pub mod migrate;
 pub mod runtime;
 pub mod session;

@@ -37,11 +37,18 @@ const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE: usize = 1 << 20;
 
 /// What a send reports when the memory stream completed (the source is paused).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct SendReport {
+    /// What QEMU reports: the source's guest stopped until the transfer completed.
     pub downtime_ms: u64,
     pub total_ms: u64,
     pub bytes: u64,
+    /// The disks' share of `bytes` and `total_ms`.
+    pub disk_bytes: u64,
+    pub disk_ms: u64,
+    /// When the sender saw the transfer complete; the guest stays stopped until the target
+    /// resumes it (the switchover).
+    pub completed_at: std::time::Instant,
 }
 
 /// The QEMU-level steps of a migration; the qemu runtime implements them.
@@ -654,6 +661,7 @@ impl<R: MigrationRuntime> MigrationController<R> {
             target: MIGRATION_TRACE_TARGET,
             "switchover",
             drover.downtime_ms = report.downtime_ms,
+            drover.pause_ms = Empty,
             otel.status_code = Empty,
             error.message = Empty,
         );
@@ -683,12 +691,16 @@ impl<R: MigrationRuntime> MigrationController<R> {
         })?;
         match tokio::time::timeout(SWITCHOVER_WAIT, messages.recv()).await {
             Ok(Some(Ok(SyncMessage::SwitchedOver { succeeded: true, .. }))) => {
+                // From the source's stop to the target's answer that its guest runs: the
+                // guest's whole pause, at most (the answer comes just after the resume).
+                let pause_ms = report.downtime_ms + report.completed_at.elapsed().as_millis() as u64;
+                Span::current().record("drover.pause_ms", pause_ms);
                 if let Err(e) = self.runtime.finish_sender(namespace, name).await {
                     tracing::warn!(%migration, error = %e, "removing the source VM after switchover failed");
                 }
                 Ok(format!(
-                    "moved to {target} (downtime {} ms, {} bytes in {} ms)",
-                    report.downtime_ms, report.bytes, report.total_ms
+                    "moved to {target} (downtime {} ms, paused {pause_ms} ms, {} bytes in {} ms; disks {} bytes in {} ms)",
+                    report.downtime_ms, report.bytes, report.total_ms, report.disk_bytes, report.disk_ms
                 ))
             }
             Ok(Some(Ok(SyncMessage::SwitchedOver { reason, .. }))) => {

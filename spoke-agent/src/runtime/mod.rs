@@ -166,6 +166,9 @@ impl crate::migrate::MigrationRuntime for QemuMigrations {
             downtime_ms: outcome.downtime_ms,
             total_ms: outcome.total_time_ms,
             bytes: outcome.bytes,
+            disk_bytes: outcome.disk_bytes,
+            disk_ms: outcome.disk_time_ms,
+            completed_at: outcome.completed_at.into_std(),
         })
     }
 

@@ -51,10 +51,25 @@ use self::host::{HostFacts, ResolvedAccel};
 use self::layout::{VmDir, VmKey};
 use self::state::TrackedVm;
 
-pub use self::migration::{
-    MigrationFailure, MigrationProgress, MigrationStage, ReceiverEndpoints, SendOptions,
-    SendOutcome,
+/// QMP's migration and block-job queries as the runtime reads them (leniently, across QEMU
+/// versions); benchmarks that drive QEMU directly read them the same way.
+pub use self::migration::commands::{
+    BlockJob, MigrationInfo, QueryBlockJobs, QueryMigrate, RamStats,
 };
+pub use self::migration::{
+    next_poll, MigrationFailure, MigrationProgress, MigrationStage, ReceiverEndpoints, SendOptions,
+    SendOutcome, DOWNTIME_LIMIT_MS, SWITCHOVER_POLL,
+};
+
+/// The QEMU command line (without the binary) this runtime starts `spec` with when the VM's
+/// directory is `vm_dir` (QMP socket, pidfile, serial log and `disk-<name>.qcow2` disks inside
+/// it). Benchmarks that migrate with QEMU alone use it to run the very same virtual hardware.
+pub fn vm_command_line(vm_dir: &Path, spec: &VmSpec, accel: Accel) -> Vec<std::ffi::OsString> {
+    let dir = VmDir {
+        path: vm_dir.to_path_buf(),
+    };
+    process::qemu_args(&dir, spec, host::resolve_accel(accel))
+}
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

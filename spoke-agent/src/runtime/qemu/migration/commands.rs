@@ -12,6 +12,7 @@
 //! answer to our request by id.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,6 +30,26 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Connect, greeting, capability negotiation and `command`, within `QMP_TIMEOUT`.
 pub(crate) async fn execute<C: qapi::Command>(
     socket: &Path,
+    command: C,
+) -> Result<C::Ok, QmpError> {
+    exchange(socket, None, command).await
+}
+
+/// Like `execute`, but first hands QEMU `fd` under the name `fd_name` (`getfd`, the descriptor
+/// going along as SCM_RIGHTS) in the same connection, for `command` to use. Our copy of the
+/// descriptor is ours to close; if `command` fails, QEMU's is closed (`closefd`).
+pub(crate) async fn execute_with_fd<C: qapi::Command>(
+    socket: &Path,
+    fd_name: &str,
+    fd: BorrowedFd<'_>,
+    command: C,
+) -> Result<C::Ok, QmpError> {
+    exchange(socket, Some((fd_name, fd)), command).await
+}
+
+async fn exchange<C: qapi::Command>(
+    socket: &Path,
+    fd: Option<(&str, BorrowedFd<'_>)>,
     command: C,
 ) -> Result<C::Ok, QmpError> {
     let name = C::NAME;
@@ -49,13 +70,38 @@ pub(crate) async fn execute<C: qapi::Command>(
             &mut lines,
             "qmp_capabilities",
             serde_json::json!({}),
+            None,
         )
         .await?;
         if let Err(message) = negotiated {
             return Ok(Err(message));
         }
+        if let Some((fd_name, fd)) = fd {
+            let passed = request(
+                &mut write,
+                &mut lines,
+                "getfd",
+                serde_json::json!({ "fdname": fd_name }),
+                Some(fd),
+            )
+            .await?;
+            if let Err(message) = passed {
+                return Ok(Err(format!("handing it a socket (getfd): {message}")));
+            }
+        }
         let arguments = serde_json::to_value(&command).map_err(invalid)?;
-        request(&mut write, &mut lines, name, arguments).await
+        let answer = request(&mut write, &mut lines, name, arguments, None).await?;
+        if let (Err(_), Some((fd_name, _))) = (&answer, fd) {
+            let _ = request(
+                &mut write,
+                &mut lines,
+                "closefd",
+                serde_json::json!({ "fdname": fd_name }),
+                None,
+            )
+            .await;
+        }
+        Ok(answer)
     };
     match tokio::time::timeout(QMP_TIMEOUT, exchange).await {
         Err(_) => Err(QmpError::Timeout {
@@ -80,6 +126,37 @@ pub(crate) async fn execute<C: qapi::Command>(
     }
 }
 
+/// Writes `line` in one `sendmsg` that carries `fd` along (QEMU takes a descriptor with the
+/// bytes it arrives with, so the line must not be split).
+async fn send_with_fd(stream: &UnixStream, line: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[io::IoSlice::new(line)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(n) if n == line.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("QMP took {n} of {} bytes of getfd", line.len()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
 
 fn invalid(e: serde_json::Error) -> io::Error {
@@ -95,12 +172,14 @@ async fn next_line(lines: &mut Lines) -> io::Result<String> {
     })
 }
 
-/// Sends one request and waits for its answer: `Ok(Err(desc))` when QEMU refused it.
+/// Sends one request (with `fd` as SCM_RIGHTS when given) and waits for its answer:
+/// `Ok(Err(desc))` when QEMU refused it.
 async fn request(
     write: &mut OwnedWriteHalf,
     lines: &mut Lines,
     name: &str,
     arguments: serde_json::Value,
+    fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<Result<serde_json::Value, String>> {
     let id = format!("drover-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let mut line = serde_json::to_vec(&serde_json::json!({
@@ -110,7 +189,10 @@ async fn request(
     }))
     .map_err(invalid)?;
     line.push(b'\n');
-    write.write_all(&line).await?;
+    match fd {
+        None => write.write_all(&line).await?,
+        Some(fd) => send_with_fd(write.as_ref(), &line, fd).await?,
+    }
     loop {
         let line = next_line(lines).await?;
         let mut message: serde_json::Value = serde_json::from_str(&line).map_err(invalid)?;
@@ -134,8 +216,9 @@ pub(crate) async fn query_status(socket: &Path) -> Result<qmp::StatusInfo, QmpEr
 
 /// `query-migrate`, read leniently.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct QueryMigrate {}
+pub struct QueryMigrate {}
 
+impl qmp::QmpCommand for QueryMigrate {}
 impl qapi::Command for QueryMigrate {
     type Ok = MigrationInfo;
     const NAME: &'static str = "query-migrate";
@@ -145,7 +228,7 @@ impl qapi::Command for QueryMigrate {
 /// What `query-migrate` says, as far as a migration needs it.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub(crate) struct MigrationInfo {
+pub struct MigrationInfo {
     #[serde(default)]
     pub status: Option<qmp::MigrationStatus>,
     #[serde(default)]
@@ -161,7 +244,7 @@ pub(crate) struct MigrationInfo {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
-pub(crate) struct RamStats {
+pub struct RamStats {
     pub total: u64,
     pub transferred: u64,
     pub remaining: u64,
@@ -176,8 +259,9 @@ pub(crate) struct RamStats {
 
 /// `query-block-jobs`, read leniently.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct QueryBlockJobs {}
+pub struct QueryBlockJobs {}
 
+impl qmp::QmpCommand for QueryBlockJobs {}
 impl qapi::Command for QueryBlockJobs {
     type Ok = Vec<BlockJob>;
     const NAME: &'static str = "query-block-jobs";
@@ -185,7 +269,7 @@ impl qapi::Command for QueryBlockJobs {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub(crate) struct BlockJob {
+pub struct BlockJob {
     /// The job id.
     pub device: String,
     #[serde(default)]
@@ -215,14 +299,16 @@ fn unix(path: &Path) -> qmp::UnixSocketAddress {
     }
 }
 
-/// Adds an NBD client node that reaches `export` through the unix socket `server`. No
-/// reconnect: a broken link fails the mirror at once instead of hanging guest writes.
+/// Adds an NBD client node that reaches `export` over `link`, a connected socket QEMU is
+/// handed (see `execute_with_fd`). No reconnect: a broken link fails the mirror at once instead
+/// of hanging guest writes.
 pub(crate) async fn blockdev_add_nbd(
     socket: &Path,
     node: &str,
-    server: &Path,
+    link: BorrowedFd<'_>,
     export: &str,
 ) -> Result<(), QmpError> {
+    let fd_name = format!("{node}-link");
     let options = qmp::BlockdevOptions::nbd {
         base: qmp::BlockdevOptionsBase {
             node_name: Some(node.to_owned()),
@@ -234,7 +320,9 @@ pub(crate) async fn blockdev_add_nbd(
             read_only: None,
         },
         nbd: qmp::BlockdevOptionsNbd {
-            server: qmp::SocketAddress::unix(unix(server)),
+            server: qmp::SocketAddress::fd(qmp::FdSocketAddress {
+                str: fd_name.clone(),
+            }),
             export: Some(export.to_owned()),
             open_timeout: None,
             reconnect_delay: None,
@@ -243,7 +331,9 @@ pub(crate) async fn blockdev_add_nbd(
             x_dirty_bitmap: None,
         },
     };
-    execute(socket, qmp::blockdev_add(options)).await.map(drop)
+    execute_with_fd(socket, &fd_name, link, qmp::blockdev_add(options))
+        .await
+        .map(drop)
 }
 
 pub(crate) async fn blockdev_del(socket: &Path, node: &str) -> Result<(), QmpError> {
@@ -342,12 +432,15 @@ pub(crate) async fn migrate_set_parameters(
         .map(drop)
 }
 
-/// Starts the outgoing migration to a unix socket; QEMU connects in the background.
-pub(crate) async fn migrate(socket: &Path, to: &Path) -> Result<(), QmpError> {
-    execute(
+/// Starts the outgoing migration over `link`, a connected socket QEMU is handed.
+pub(crate) async fn migrate(socket: &Path, link: BorrowedFd<'_>) -> Result<(), QmpError> {
+    const FD_NAME: &str = "drover-migration-link";
+    execute_with_fd(
         socket,
+        FD_NAME,
+        link,
         qmp::migrate {
-            uri: Some(format!("unix:{}", to.to_string_lossy())),
+            uri: Some(format!("fd:{FD_NAME}")),
             channels: None,
             detach: None,
             resume: None,

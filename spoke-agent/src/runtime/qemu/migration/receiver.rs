@@ -19,7 +19,8 @@ use super::super::{
 use super::{
     check_migration_id, check_socket_path, commands, disk_node, export_id, marker_file,
     read_marker, remove_marker, remove_stale, write_marker, Marker, MigrationFailure,
-    ReceiverEndpoints, Role, MIGRATION_SOCKET, NBD_SOCKET, POLL, RECEIVE_COMPLETION_TIMEOUT,
+    ReceiverEndpoints, Role, MIGRATION_SOCKET, NBD_SOCKET, RECEIVE_COMPLETION_TIMEOUT,
+    SWITCHOVER_POLL,
 };
 
 impl QemuRuntime {
@@ -375,7 +376,8 @@ impl QemuRuntime {
                         ),
                     ));
                 }
-                tokio::time::sleep(POLL).await;
+                // The guest is stopped until this loop ends.
+                tokio::time::sleep(SWITCHOVER_POLL).await;
             }
             if let Err(e) = commands::nbd_server_stop(&socket).await {
                 tracing::warn!(error = %e, "stopping the NBD server failed; resuming anyway");

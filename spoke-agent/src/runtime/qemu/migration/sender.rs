@@ -2,6 +2,7 @@
 //! progress and stall detection, its undoing on failure or cancel, and the source's end after
 //! the switchover (or its resumption when the switchover is abandoned).
 
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,11 +21,30 @@ use super::commands::{self, BlockJob, MigrationInfo};
 use super::progress::{ProgressTracker, Sample, Stage};
 use super::{
     check_migration_id, check_socket_path, disk_node, in_progress, marker_file, mib, mirror_job,
-    nbd_node, read_marker, remove_marker, write_marker, Failure, Marker, MigrationFailure,
-    MigrationProgress, MigrationStage, Registered, Role, SendOptions, SendOutcome, CANCEL_TIMEOUT,
-    CLEANUP_WAIT, DOWNTIME_LIMIT_MS, POLL, REPORT_EVERY, SWITCHOVER_DISK_TIMEOUT,
-    UNLIMITED_BANDWIDTH,
+    nbd_node, next_poll, read_marker, remove_marker, write_marker, Failure, Marker,
+    MigrationFailure, MigrationProgress, MigrationStage, Registered, Role, SendOptions,
+    SendOutcome, CANCEL_TIMEOUT, CLEANUP_WAIT, DOWNTIME_LIMIT_MS, POLL, REPORT_EVERY,
+    SWITCHOVER_DISK_TIMEOUT, UNLIMITED_BANDWIDTH,
 };
+
+/// How long connecting to the caller's local tunnel may take.
+const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the caller's local socket for QEMU (see `local_socket`: the agent connects, QEMU
+/// is handed the connected descriptor, so both ends have wide buffers).
+async fn connect_link(path: &Path) -> Result<tokio::net::UnixStream, String> {
+    match tokio::time::timeout(LINK_CONNECT_TIMEOUT, crate::local_socket::connect(path)).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect the tunnel at {}: {e}",
+            path.display()
+        )),
+        Err(_) => Err(format!(
+            "connecting the tunnel at {} timed out after {LINK_CONNECT_TIMEOUT:?}",
+            path.display()
+        )),
+    }
+}
 
 impl QemuRuntime {
     /// Sends a running VM to a receiver: disks first (mirrored, writes kept in sync), then
@@ -151,6 +171,7 @@ impl QemuRuntime {
             disk: (0, 0),
             disk_rate: None,
             post_copy: false,
+            disk_time_ms: 0,
         };
         tracing::info!(
             migration = migration_id,
@@ -393,6 +414,8 @@ struct Transfer<'a, F> {
     /// The last disk sample, to compute the disk copy's throughput.
     disk_rate: Option<(Instant, u64, u64)>,
     post_copy: bool,
+    /// When the disks got in sync, counted from `started`.
+    disk_time_ms: u64,
 }
 
 impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
@@ -409,6 +432,7 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
         disks.record("drover.bytes", self.disk.1);
         record_failure(&disks, copied.as_ref().err());
         copied?;
+        self.disk_time_ms = self.started.elapsed().as_millis() as u64;
         let memory = tracing::info_span!(
             target: MIGRATION_TRACE_TARGET,
             "memory copy",
@@ -465,10 +489,16 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
             return Ok(());
         }
         for disk in &self.disks {
+            let link = connect_link(&self.options.nbd_socket).await.map_err(|e| {
+                Failure::new(
+                    MigrationFailure::TransferFailed,
+                    format!("disk {disk}: {e}"),
+                )
+            })?;
             commands::blockdev_add_nbd(
                 &self.socket,
                 &nbd_node(disk),
-                &self.options.nbd_socket,
+                link.as_fd(),
                 &disk_node(disk),
             )
             .await
@@ -601,7 +631,10 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
         commands::migrate_set_parameters(&self.socket, bandwidth, DOWNTIME_LIMIT_MS)
             .await
             .map_err(|e| Failure::qemu("setting the migration parameters", e))?;
-        commands::migrate(&self.socket, &options.migration_socket)
+        let link = connect_link(&options.migration_socket)
+            .await
+            .map_err(|e| Failure::new(MigrationFailure::TransferFailed, e))?;
+        commands::migrate(&self.socket, link.as_fd())
             .await
             .map_err(|e| {
                 Failure::new(
@@ -623,6 +656,9 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
                 .map_err(|e| Failure::qemu("asking for the migration's state", e))?;
             match info.status {
                 Some(MigrationStatus::completed) => {
+                    // The concluded mirrors and the NBD links stay until the source QEMU ends
+                    // (`finish_sender`) or resumes (`resume_sender` releases them): every QMP
+                    // exchange before the target runs adds to the guest's pause.
                     let report =
                         self.report(MigrationStage::Switchover, Some(&info), Instant::now());
                     let memory_bytes = info.ram.as_ref().map_or(0, |r| r.transferred);
@@ -632,7 +668,9 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
                         bytes: memory_bytes + self.disk.1,
                         memory_bytes,
                         disk_bytes: self.disk.1,
+                        disk_time_ms: self.disk_time_ms,
                         post_copy: self.post_copy,
+                        completed_at: Instant::now(),
                     });
                 }
                 Some(MigrationStatus::failed) => {
@@ -712,7 +750,7 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
                 }
                 latest = Some(report);
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(next_poll(&info)).await;
         }
     }
 
@@ -761,14 +799,6 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for disk in &self.disks {
-            commands::job_dismiss(&self.socket, &mirror_job(disk))
-                .await
-                .map_err(|e| Failure::qemu(&format!("disk {disk}: dismissing its mirror"), e))?;
-            commands::blockdev_del(&self.socket, &nbd_node(disk))
-                .await
-                .map_err(|e| Failure::qemu(&format!("disk {disk}: closing its NBD link"), e))?;
         }
         tracing::debug!("disks handed over");
         Ok(())
