@@ -7,6 +7,8 @@
 #   drover.counter_ms=N        counter period in ms (default 100)
 #   drover.dirty_mib_per_s=N   rewrite N MiB/s of a memory buffer (default 0: off)
 #   drover.dirty_buffer_mib=N  size of that buffer (default 64)
+#   drover.dirty_fill=random   fill the whole buffer with non-zero bytes at boot, then print
+#                              "drover-guest: buffer filled" (default: zeros, which QEMU skips)
 #   drover.disk_writes=1       write "drover-seq N" into 512-byte block N of /dev/vda each tick
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +69,7 @@ arg() { for kv in $(cat /proc/cmdline); do case "$kv" in "$1="*) echo "${kv#*=}"
 period_ms=$(arg drover.counter_ms 100)
 dirty=$(arg drover.dirty_mib_per_s 0)
 buffer=$(arg drover.dirty_buffer_mib 64)
+fill=$(arg drover.dirty_fill zero)
 disk=$(arg drover.disk_writes 0)
 echo "drover-guest: up (kernel $(uname -r), counter every ${period_ms} ms, dirty ${dirty} MiB/s, disk writes ${disk}, disks: $(ls /dev/vd* 2>/dev/null | tr '\n' ' '))"
 if [ "$dirty" -gt 0 ]; then
@@ -80,7 +83,15 @@ if [ "$dirty" -gt 0 ]; then
   fi
   [ "$dirty" -gt "$buffer" ] && dirty=$buffer
   (
-    dd if=/dev/zero of=/dirty/buf bs=1M count="$buffer" 2>/dev/null
+    if [ "$fill" = random ]; then
+      # One MiB of random bytes repeated: no page is zero, and copying is fast under TCG.
+      dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
+      n=0
+      while [ "$n" -lt "$buffer" ]; do cat /tmp/chunk; n=$((n + 1)); done > /dirty/buf
+      echo "drover-guest: buffer filled (${buffer} MiB of non-zero bytes)"
+    else
+      dd if=/dev/zero of=/dirty/buf bs=1M count="$buffer" 2>/dev/null
+    fi
     pos=0
     while true; do
       # Random bytes so that no page is zero (QEMU skips zero pages).

@@ -2,6 +2,7 @@
 //! fixtures) and the end-to-end and benchmark suites that use it.
 
 pub mod agents;
+pub mod direct_migration;
 pub mod logs;
 pub mod otlp;
 pub mod postgres;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use drover_e2e::postgres::PgCluster;
+use drover_e2e::process::process_cpu_seconds;
 use drover_e2e::testbed::{snapshot, vm, Backend, TestHub};
 use drover_hub::seed::SeedPlan;
 use drover_hub::store::sql::Sql;
@@ -16,6 +17,9 @@ use drover_shared::ClusterName;
 use sea_orm::{ConnectionTrait, DatabaseConnection, QueryResult};
 use serde_json::{json, Value};
 use uuid::Uuid;
+
+mod migration;
+mod tunnel;
 
 #[derive(Parser)]
 #[command(about = "Drover benchmarks; figures go to docs/benchmarks.md")]
@@ -49,22 +53,14 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         step: u32,
     },
-    /// Live migrations through the whole stack (hub, two agent processes, the agents' TLS
-    /// tunnel, QEMU under TCG), back and forth: switchover downtime, throughput, agent CPU per
-    /// GiB moved.
-    Migration {
-        #[arg(long, default_value_t = 20)]
-        rounds: u32,
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-        #[arg(long, default_value_t = 256)]
-        disk_mib: u64,
-        /// Memory the guest keeps rewriting (non-zero, so QEMU cannot skip it).
-        #[arg(long, default_value_t = 128)]
-        dirty_buffer_mib: u64,
-        #[arg(long, default_value_t = 4)]
-        dirty_mib_per_s: u64,
-    },
+    /// Live migrations of a 1 GiB guest with a 2 GiB disk: QEMU directly over plain loopback
+    /// TCP and over QEMU's own TLS (the baselines), then Drover's whole stack (hub, two agent
+    /// processes, the agents' TLS tunnel) back and forth: throughput ratios, switchover
+    /// downtime, CPU seconds per GiB moved.
+    Migration(migration::MigrationArgs),
+    /// The agents' mutual-TLS tunnel alone (no QEMU): throughput and CPU seconds per GiB
+    /// against plain loopback TCP between the same writer and reader.
+    Tunnel(tunnel::TunnelArgs),
     /// Fleet page latency vs hand-written SQL, SQL statements per request, ingest rates.
     Inventory {
         #[arg(long, default_value_t = 500)]
@@ -568,17 +564,6 @@ async fn inventory(
     Ok(())
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("malformed /proc stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: state is field 3, utime 14 and stime 15 (1-based overall).
-    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / 100.0)
-}
-
 /// Resident memory of a process in MiB.
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -712,7 +697,7 @@ async fn sessions(
     );
     tokio::time::sleep(Duration::from_secs(5)).await; // let the snapshot burst settle
 
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = process_cpu_seconds(pid)?;
     let t = Instant::now();
     let clusters: Vec<String> = agents
         .iter()
@@ -738,7 +723,7 @@ async fn sessions(
         cluster.add_vm(vm("web", &format!("delta-{k:07}"), 0x0100_0000 + k as u32));
     }
     let wall = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = process_cpu_seconds(pid)? - cpu0;
     let rss = rss_mib(pid)?;
     let expected = sessions as i64 * vms_per_cluster as i64 + total as i64;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -796,10 +781,10 @@ async fn sessions(
         target += step;
     }
     // Hold the largest count for one heartbeat period and measure the hub at rest.
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = process_cpu_seconds(pid)?;
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = process_cpu_seconds(pid)? - cpu0;
     println!(
         "  holding {} sessions: hub CPU {:.1}% of one core (heartbeats only), RSS {:.0} MiB",
         live_sessions(&http, &hub).await,
@@ -810,183 +795,6 @@ async fn sessions(
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
-    Ok(())
-}
-
-/// One migration's figures, from the source agent's report of its send.
-struct Moved {
-    downtime_ms: u64,
-    bytes: u64,
-    total_ms: u64,
-}
-
-fn parse_moved(message: &str) -> Option<Moved> {
-    // "moved to west-1 (downtime 163 ms, 91234567 bytes in 2345 ms)"
-    let inner = message.split_once('(')?.1.trim_end_matches(')');
-    let mut numbers = inner
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u64>());
-    Some(Moved {
-        downtime_ms: numbers.next()?.ok()?,
-        bytes: numbers.next()?.ok()?,
-        total_ms: numbers.next()?.ok()?,
-    })
-}
-
-async fn migration_bench(
-    rounds: u32,
-    memory_mib: u64,
-    disk_mib: u64,
-    dirty_buffer_mib: u64,
-    dirty_mib_per_s: u64,
-) -> anyhow::Result<()> {
-    use drover_e2e::process::{AgentProcess, HubProcess, QemuReaper};
-    let guest = drover_e2e::testbed::test_guest();
-    let hub_dir = tempfile::tempdir()?;
-    let (east_dir, west_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    let vm_dir = east_dir.path().join("vms/bench/mover");
-    std::fs::create_dir_all(&vm_dir)?;
-    let spec = json!({
-        "namespace": "bench", "name": "mover", "memoryBytes": memory_mib << 20, "vcpus": 1,
-        "disks": [{"name": "root", "sizeBytes": disk_mib << 20}],
-        "interfaces": [{"name": "nic0", "network": "default", "mac": "02:00:00:00:be:01"}],
-        "runStrategy": "Always",
-        "boot": {
-            "kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"),
-            "cmdline": format!("console=ttyS0 quiet panic=-1 drover.disk_writes=1 drover.dirty_mib_per_s={dirty_mib_per_s} drover.dirty_buffer_mib={dirty_buffer_mib}"),
-        },
-    });
-    std::fs::write(vm_dir.join("vm.json"), serde_json::to_vec(&spec)?)?;
-    let hub = HubProcess::start(hub_dir.path(), None).await;
-    let http = reqwest::Client::new();
-    let gql = |query: String, variables: Value| {
-        let http = http.clone();
-        let url = hub.url("/graphql");
-        async move {
-            let resp: Value = http
-                .post(url)
-                .json(&json!({"query": query, "variables": variables}))
-                .send()
-                .await?
-                .json()
-                .await?;
-            anyhow::Ok(resp)
-        }
-    };
-    let east_token = hub.create_join_token(&http, "east-1").await?;
-    let west_token = hub.create_join_token(&http, "west-1").await?;
-    let east =
-        AgentProcess::start(east_dir.path(), &hub.agents, Some(("east-1", &east_token))).await;
-    let west =
-        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
-    let pids = [
-        east.child.id().context("agent pid")?,
-        west.child.id().context("agent pid")?,
-    ];
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = gql(
-            r#"{ virtualMachine(cluster: "east-1", namespace: "bench", name: "mover") { phase } west: cluster(name: "west-1") { health } }"#.into(),
-            json!({}),
-        )
-        .await?;
-        if v["data"]["virtualMachine"]["phase"] == "RUNNING"
-            && v["data"]["west"]["health"] == "READY"
-        {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the guest did not come up: {v}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    // Let the guest fill its dirty buffer so that memory is mostly non-zero.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    println!(
-        "guest: {memory_mib} MiB RAM ({dirty_buffer_mib} MiB rewritten at {dirty_mib_per_s} MiB/s), {disk_mib} MiB disk; QEMU under TCG; {rounds} migrations back and forth through the agents' TLS tunnel"
-    );
-    let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
-    let mut moved = Vec::new();
-    let mut clusters = ("east-1", "west-1");
-    for round in 0..rounds {
-        let started = gql(
-            r#"mutation($c: String!, $t: String!) { migrateVirtualMachine(input: {cluster: $c, namespace: "bench", name: "mover", targetCluster: $t}) { id } }"#.into(),
-            json!({"c": clusters.0, "t": clusters.1}),
-        )
-        .await?;
-        let id = started["data"]["migrateVirtualMachine"]["id"]
-            .as_str()
-            .with_context(|| format!("migrateVirtualMachine: {started}"))?
-            .to_owned();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let phase = loop {
-            let m = gql(
-                r#"query($id: ID!) { migration(id: $id) { phase failureReason } }"#.into(),
-                json!({"id": id}),
-            )
-            .await?;
-            let phase = m["data"]["migration"]["phase"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            if phase == "SUCCEEDED" || phase == "FAILED" {
-                break (phase, m);
-            }
-            anyhow::ensure!(Instant::now() < deadline, "migration {id} did not end: {m}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        anyhow::ensure!(phase.0 == "SUCCEEDED", "round {round} failed: {}", phase.1);
-        let command = gql(
-            r#"query($c: String!, $k: String!) { agentCommand(cluster: $c, idempotencyKey: $k) { message } }"#.into(),
-            json!({"c": clusters.0, "k": format!("{id}/send")}),
-        )
-        .await?;
-        let message = command["data"]["agentCommand"]["message"]
-            .as_str()
-            .unwrap_or_default();
-        let m =
-            parse_moved(message).with_context(|| format!("unreadable send report: {message}"))?;
-        println!(
-            "  {round:>2}: {} -> {}: downtime {} ms, {:.0} MiB in {} ms",
-            clusters.0,
-            clusters.1,
-            m.downtime_ms,
-            m.bytes as f64 / (1 << 20) as f64,
-            m.total_ms
-        );
-        moved.push(m);
-        clusters = (clusters.1, clusters.0);
-        // The hub learns the new location from the agents' inventory.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    let cpu: f64 = pids
-        .iter()
-        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
-        .sum::<f64>()
-        - cpu0;
-    let mut downtime: Vec<u64> = moved.iter().map(|m| m.downtime_ms).collect();
-    downtime.sort();
-    let at = |q: f64| downtime[((downtime.len() as f64 - 1.0) * q).round() as usize];
-    let bytes: u64 = moved.iter().map(|m| m.bytes).sum();
-    let ms: u64 = moved.iter().map(|m| m.total_ms).sum();
-    let gib = bytes as f64 / (1u64 << 30) as f64;
-    println!(
-        "\nswitchover downtime over {} migrations: p50 {} ms, p99 {} ms (max {} ms)",
-        moved.len(),
-        at(0.5),
-        at(0.99),
-        downtime.last().copied().unwrap_or(0)
-    );
-    println!(
-        "throughput through the tunnel: {:.1} MiB/s ({:.2} GiB moved in {:.1} s of transfer)",
-        bytes as f64 / (1 << 20) as f64 / (ms as f64 / 1000.0),
-        gib,
-        ms as f64 / 1000.0
-    );
-    println!(
-        "agent CPU (both agents, user+system): {:.2} CPU-s per GiB moved ({cpu:.1} CPU-s in all)",
-        cpu / gib.max(1e-9)
-    );
     Ok(())
 }
 
@@ -1015,22 +823,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        Bench::Migration {
-            rounds,
-            memory_mib,
-            disk_mib,
-            dirty_buffer_mib,
-            dirty_mib_per_s,
-        } => {
-            migration_bench(
-                rounds,
-                memory_mib,
-                disk_mib,
-                dirty_buffer_mib,
-                dirty_mib_per_s,
-            )
-            .await
-        }
+        Bench::Migration(args) => migration::run(args).await,
+        Bench::Tunnel(args) => tunnel::run(args).await,
         Bench::Inventory {
             clusters,
             vms_per_cluster,
