@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use drover_agent::runtime::qemu::{
-    next_poll, vm_command_line, Accel, QueryBlockJobs, QueryMigrate, DOWNTIME_LIMIT_MS,
-    SWITCHOVER_POLL,
+    nbd_client_options, nbd_export_options, next_poll, vm_command_line, Accel, QueryBlockJobs,
+    QueryMigrate, DOWNTIME_LIMIT_MS, SWITCHOVER_POLL,
 };
 use drover_shared::commands::VmSpec;
 use qapi::futures::QmpStreamTokio;
@@ -87,9 +87,10 @@ pub struct DirectMigrations {
 
 impl DirectMigrations {
     /// Boots the VM of `spec` (its disks built like the agent builds them: from `image`, else
-    /// blank) with QEMU's TLS credentials loaded, certificates issued by a fresh hub CA.
-    pub async fn start(spec: VmSpec) -> anyhow::Result<Self> {
-        let root = tempfile::tempdir()?;
+    /// blank) in a fresh directory under `work`, with QEMU's TLS credentials loaded,
+    /// certificates issued by a fresh hub CA.
+    pub async fn start(spec: VmSpec, work: &Path) -> anyhow::Result<Self> {
+        let root = tempfile::tempdir_in(work)?;
         let certs = root.path().join("certs");
         write_qemu_certificates(&certs)?;
         let reaper = QemuReaper(vec![root.path().to_path_buf()]);
@@ -183,7 +184,11 @@ impl DirectMigrations {
         .await?;
         for disk in &self.spec.disks {
             let node = format!("disk-{}", disk.name);
-            qmp_execute(&dst_qmp, qmp::block_export_add(nbd_export(&node))).await?;
+            qmp_execute(
+                &dst_qmp,
+                qmp::block_export_add(nbd_export_options(&node, &node)),
+            )
+            .await?;
         }
         let migration_port = free_port()?;
         qmp_execute(
@@ -212,11 +217,11 @@ impl DirectMigrations {
             let node = format!("disk-{}", disk.name);
             qmp_execute(
                 &src_qmp,
-                qmp::blockdev_add(nbd_client(
+                qmp::blockdev_add(nbd_client_options(
                     &format!("nbd-{}", disk.name),
+                    qmp::SocketAddress::inet(inet(nbd_port)),
                     &node,
-                    nbd_port,
-                    tls,
+                    tls.then_some(("tls-client", TLS_HOSTNAME)),
                 )),
             )
             .await?;
@@ -452,50 +457,6 @@ fn inet(port: u16) -> qmp::InetSocketAddress {
         host: "127.0.0.1".into(),
         port: port.to_string(),
     })
-}
-
-fn nbd_export(node: &str) -> qmp::BlockExportOptions {
-    qmp::BlockExportOptions::nbd {
-        base: qmp::BlockExportOptionsBase {
-            id: node.to_owned(),
-            node_name: node.to_owned(),
-            writable: Some(true),
-            fixed_iothread: None,
-            iothread: None,
-            writethrough: None,
-        },
-        nbd: qmp::BlockExportOptionsNbd {
-            base: qmp::BlockExportOptionsNbdBase {
-                name: Some(node.to_owned()),
-                description: None,
-            },
-            allocation_depth: None,
-            bitmaps: None,
-        },
-    }
-}
-
-fn nbd_client(node: &str, export: &str, port: u16, tls: bool) -> qmp::BlockdevOptions {
-    qmp::BlockdevOptions::nbd {
-        base: qmp::BlockdevOptionsBase {
-            node_name: Some(node.to_owned()),
-            auto_read_only: None,
-            cache: None,
-            detect_zeroes: None,
-            discard: None,
-            force_share: None,
-            read_only: None,
-        },
-        nbd: qmp::BlockdevOptionsNbd {
-            server: qmp::SocketAddress::inet(inet(port)),
-            export: Some(export.to_owned()),
-            open_timeout: None,
-            reconnect_delay: None,
-            tls_creds: tls.then(|| "tls-client".to_owned()),
-            tls_hostname: tls.then(|| TLS_HOSTNAME.to_owned()),
-            x_dirty_bitmap: None,
-        },
-    }
 }
 
 async fn qmp_execute<C: qmp::QmpCommand>(socket: &Path, command: C) -> anyhow::Result<C::Ok> {

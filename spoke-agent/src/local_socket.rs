@@ -34,3 +34,39 @@ pub async fn connect(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
     widen(&stream);
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// Bytes a writer gets into `socket` before it would block, with nobody reading.
+    fn in_flight(socket: &mut UnixStream) -> usize {
+        socket.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let mut total = 0;
+        loop {
+            match socket.write(&chunk) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return total,
+                Err(e) => panic!("writing into a local socket: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_widened_socket_holds_megabytes_in_flight_where_a_default_one_holds_kilobytes() {
+        let (mut plain, _plain_reader) = UnixStream::pair().unwrap();
+        let (mut wide, _wide_reader) = UnixStream::pair().unwrap();
+        widen(&wide);
+        let (plain, wide) = (in_flight(&mut plain), in_flight(&mut wide));
+        // As root (CI, and the agent beside QEMU) the widening is not capped by wmem_max.
+        assert!(
+            wide >= 3 << 20,
+            "a widened socket took only {wide} bytes before blocking (a default one {plain})"
+        );
+        assert!(wide >= 8 * plain, "widened {wide} bytes, default {plain}");
+    }
+}

@@ -47,7 +47,7 @@ pub(crate) fn qemu_args(dir: &VmDir, spec: &VmSpec, accel: ResolvedAccel) -> Vec
     let memory_mib = spec.memory_bytes.div_ceil(1 << 20).max(1);
     push(&[
         "-name",
-        &format!("guest={}/{}", spec.namespace, spec.name),
+        &format!("guest={}/{},debug-threads=on", spec.namespace, spec.name),
         "-machine",
         "q35",
         "-accel",

@@ -299,17 +299,16 @@ fn unix(path: &Path) -> qmp::UnixSocketAddress {
     }
 }
 
-/// Adds an NBD client node that reaches `export` over `link`, a connected socket QEMU is
-/// handed (see `execute_with_fd`). No reconnect: a broken link fails the mirror at once instead
-/// of hanging guest writes.
-pub(crate) async fn blockdev_add_nbd(
-    socket: &Path,
+/// An NBD client node `node` for `export` on `server`, without reconnect (a broken link fails
+/// the mirror at once instead of hanging guest writes); with `tls` (credentials id, host name)
+/// QEMU's own TLS is used on the link.
+pub fn nbd_client_options(
     node: &str,
-    link: BorrowedFd<'_>,
+    server: qmp::SocketAddress,
     export: &str,
-) -> Result<(), QmpError> {
-    let fd_name = format!("{node}-link");
-    let options = qmp::BlockdevOptions::nbd {
+    tls: Option<(&str, &str)>,
+) -> qmp::BlockdevOptions {
+    qmp::BlockdevOptions::nbd {
         base: qmp::BlockdevOptionsBase {
             node_name: Some(node.to_owned()),
             auto_read_only: None,
@@ -320,17 +319,53 @@ pub(crate) async fn blockdev_add_nbd(
             read_only: None,
         },
         nbd: qmp::BlockdevOptionsNbd {
-            server: qmp::SocketAddress::fd(qmp::FdSocketAddress {
-                str: fd_name.clone(),
-            }),
+            server,
             export: Some(export.to_owned()),
             open_timeout: None,
             reconnect_delay: None,
-            tls_creds: None,
-            tls_hostname: None,
+            tls_creds: tls.map(|(creds, _)| creds.to_owned()),
+            tls_hostname: tls.map(|(_, host)| host.to_owned()),
             x_dirty_bitmap: None,
         },
-    };
+    }
+}
+
+/// `node` exported writable over NBD under its own name, as the export `id`.
+pub fn nbd_export_options(id: &str, node: &str) -> qmp::BlockExportOptions {
+    qmp::BlockExportOptions::nbd {
+        base: qmp::BlockExportOptionsBase {
+            id: id.to_owned(),
+            node_name: node.to_owned(),
+            writable: Some(true),
+            fixed_iothread: None,
+            iothread: None,
+            writethrough: None,
+        },
+        nbd: qmp::BlockExportOptionsNbd {
+            base: qmp::BlockExportOptionsNbdBase {
+                name: Some(node.to_owned()),
+                description: None,
+            },
+            allocation_depth: None,
+            bitmaps: None,
+        },
+    }
+}
+
+/// Adds an NBD client node that reaches `export` over `link`, a connected socket QEMU is
+/// handed (see `execute_with_fd`). No reconnect: a broken link fails the mirror at once instead
+/// of hanging guest writes.
+pub(crate) async fn blockdev_add_nbd(
+    socket: &Path,
+    node: &str,
+    link: BorrowedFd<'_>,
+    export: &str,
+) -> Result<(), QmpError> {
+    let fd_name = format!("{node}-link");
+    let server = qmp::SocketAddress::fd(qmp::FdSocketAddress {
+        str: fd_name.clone(),
+    });
+    let options = nbd_client_options(node, server, export, None);
     execute_with_fd(socket, &fd_name, link, qmp::blockdev_add(options))
         .await
         .map(drop)
@@ -510,24 +545,7 @@ pub(crate) async fn block_export_add_nbd(
     id: &str,
     node: &str,
 ) -> Result<(), QmpError> {
-    let options = qmp::BlockExportOptions::nbd {
-        base: qmp::BlockExportOptionsBase {
-            id: id.to_owned(),
-            node_name: node.to_owned(),
-            writable: Some(true),
-            fixed_iothread: None,
-            iothread: None,
-            writethrough: None,
-        },
-        nbd: qmp::BlockExportOptionsNbd {
-            base: qmp::BlockExportOptionsNbdBase {
-                name: Some(node.to_owned()),
-                description: None,
-            },
-            allocation_depth: None,
-            bitmaps: None,
-        },
-    };
+    let options = nbd_export_options(id, node);
     execute(socket, qmp::block_export_add(options))
         .await
         .map(drop)
