@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _};
 use drover_e2e::direct_migration::{DirectMigrations, DirectRound, Transport};
 use drover_e2e::process::{guest_console, process_cpu_seconds};
-use drover_shared::commands::VmSpec;
 use rand::RngCore as _;
 use serde_json::{json, Value};
 
@@ -22,19 +21,26 @@ pub struct MigrationArgs {
     /// Migrations through Drover (downtime percentiles want at least 20).
     #[arg(long, default_value_t = 20)]
     rounds: u32,
-    /// Direct QEMU migrations per baseline (plain TCP and QEMU TLS take turns).
-    #[arg(long, default_value_t = 5)]
+    /// Direct QEMU migrations per baseline (plain TCP and QEMU TLS take turns); an even number
+    /// splits each baseline evenly over the two blocks.
+    #[arg(long, default_value_t = 6)]
     baseline_rounds: u32,
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
     #[arg(long, default_value_t = 2048)]
     disk_mib: u64,
-    /// Guest RAM filled with non-zero bytes at boot (the guest keeps 40 MiB free for itself).
-    #[arg(long, default_value_t = 1024)]
+    /// Guest RAM filled with non-zero bytes at boot. 768 of 1024 MiB leaves the guest's own
+    /// processes about 100 MiB; with the most it allows (all but 40 MiB) guests now and then
+    /// rebooted during a migration.
+    #[arg(long, default_value_t = 768)]
     dirty_buffer_mib: u64,
     /// How fast the guest keeps rewriting that memory during the migrations.
     #[arg(long, default_value_t = 4)]
     dirty_mib_per_s: u64,
+    /// Where the disks and the agents' data live (the system's temporary directory if not
+    /// given); it needs room for three copies of the disk.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 /// How long a guest may take to boot and fill its memory under TCG.
@@ -45,6 +51,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One migration's figures, the same for every transport.
 struct Moved {
+    /// The guest's kernel crashed on the target after the migration (it booted again there).
+    crashed: bool,
     /// The guest's whole pause, as the sender counts it: QEMU's downtime plus the time from
     /// seeing the transfer complete until the target said (Drover) or `cont` returned (direct)
     /// that the guest runs there.
@@ -62,6 +70,7 @@ struct Moved {
 impl From<&DirectRound> for Moved {
     fn from(r: &DirectRound) -> Self {
         Self {
+            crashed: false,
             pause_ms: r.pause_ms,
             downtime_ms: r.downtime_ms,
             bytes: r.bytes,
@@ -77,6 +86,8 @@ impl From<&DirectRound> for Moved {
 struct Summary {
     label: &'static str,
     rounds: usize,
+    /// Rounds after which the guest's kernel crashed on the target.
+    crashed: usize,
     mib_per_s: f64,
     disk_mib_per_s: f64,
     memory_mib_per_s: f64,
@@ -102,6 +113,7 @@ fn summarize(label: &'static str, moved: &[Moved], agent_cpu: Option<f64>) -> Su
     Summary {
         label,
         rounds: moved.len(),
+        crashed: moved.iter().filter(|m| m.crashed).count(),
         mib_per_s: bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
         disk_mib_per_s: rate(disk_bytes, disk_time),
         memory_mib_per_s: rate(bytes - disk_bytes, total_time.saturating_sub(disk_time)),
@@ -130,7 +142,14 @@ pub async fn run(args: MigrationArgs) -> anyhow::Result<()> {
         "--rounds and --baseline-rounds must be at least 1"
     );
     println!("{}", machine());
-    let work = tempfile::tempdir()?;
+    let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    ensure!(
+        work_dir.is_dir(),
+        "--work-dir {} is not a directory; give one with room for three copies of the disk",
+        work_dir.display()
+    );
+    let work = tempfile::tempdir_in(&work_dir)?;
+    println!("disks and agent data under {}", work_dir.display());
     let image = work.path().join("disk.raw");
     write_random_image(&image, args.disk_mib << 20)?;
     let spec = guest_spec(&args, &image);
@@ -139,43 +158,41 @@ pub async fn run(args: MigrationArgs) -> anyhow::Result<()> {
         args.memory_mib, args.dirty_mib_per_s, args.disk_mib
     );
 
+    let total_direct = args.baseline_rounds * 2;
+    let first_direct = total_direct / 2;
     println!(
-        "\nbaselines: QEMU to QEMU, {} rounds each, taking turns",
-        args.baseline_rounds
+        "\nthree blocks, one guest at a time (an idle second guest under TCG would take a core from the one moving): {first_direct} QEMU-to-QEMU migrations, then {} through Drover (hub, agents and their TLS tunnel, back and forth), then {} QEMU-to-QEMU migrations with a fresh guest; plain TCP and QEMU's TLS alternate (plain, TLS, TLS, plain), so that both baselines are measured as often before as after Drover, and as often in odd as in even rounds",
+        args.rounds,
+        total_direct - first_direct
     );
     let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    direct_block(&spec, work.path(), first_direct, &mut plain, &mut tls).await?;
+    let mut moved = Vec::new();
+    let mut agent_cpu = 0.0;
     {
-        let vm_spec: VmSpec = serde_json::from_value(spec.clone())?;
-        let mut pair = DirectMigrations::start(vm_spec).await?;
-        println!("  {}", wait_for_fill(pair.vm_dir()).await?);
-        for round in 0..args.baseline_rounds * 2 {
-            let transport = if round % 2 == 0 {
-                Transport::PlainTcp
-            } else {
-                Transport::QemuTls
-            };
-            let before = guest_console(pair.vm_dir()).0;
-            let r = pair.migrate(transport).await?;
-            guest_continues(pair.vm_dir(), before).await?;
-            let m = Moved::from(&r);
-            print_round(round, transport.label(), &m);
-            match transport {
-                Transport::PlainTcp => plain.push(m),
-                Transport::QemuTls => tls.push(m),
-            }
+        let mut drover = DroverPair::start(spec.clone(), work.path()).await?;
+        println!("  Drover guest: {}", wait_for_fill(drover.vm_dir()).await?);
+        for round in 0..args.rounds {
+            flush_host_writeback(work.path()).await?;
+            let (m, cpu, label) = drover.migrate(round).await?;
+            print_round(round, &label, &m);
+            moved.push(m);
+            agent_cpu += cpu;
         }
     }
-
-    println!(
-        "\nDrover: {} migrations back and forth through hub, agents and their TLS tunnel",
-        args.rounds
-    );
-    let (drover, agent_cpu) = drover_rounds(&args, spec).await?;
+    direct_block(
+        &spec,
+        work.path(),
+        total_direct - first_direct,
+        &mut plain,
+        &mut tls,
+    )
+    .await?;
 
     let plain = summarize("QEMU direct, plain loopback TCP", &plain, None);
     let tls = summarize("QEMU direct, QEMU's own TLS", &tls, None);
-    let drover = summarize("Drover, agents' TLS tunnel", &drover, Some(agent_cpu));
-    println!("\n| transport | rounds | throughput | vs plain TCP | vs QEMU TLS | disks / memory | guest pause p50 / p99 / max | QEMU downtime p50 / p99 / max | CPU-s per GiB (QEMU + agents) |");
+    let drover = summarize("Drover, agents' TLS tunnel", &moved, Some(agent_cpu));
+    println!("\n| transport | rounds (guest crashed after) | throughput | vs plain TCP | vs QEMU TLS | disks / memory | guest pause p50 / p99 / max | QEMU downtime p50 / p99 / max | CPU-s per GiB (QEMU + agents) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for s in [&plain, &tls, &drover] {
         let cpu = match s.agent_cpu_per_gib {
@@ -188,9 +205,10 @@ pub async fn run(args: MigrationArgs) -> anyhow::Result<()> {
             None => format!("{:.2}", s.qemu_cpu_per_gib),
         };
         println!(
-            "| {} | {} | {:.1} MiB/s ({:.1} GiB) | {:.2} | {:.2} | {:.1} / {:.1} MiB/s | {} / {} / {} ms | {} / {} / {} ms | {cpu} |",
+            "| {} | {} ({}) | {:.1} MiB/s ({:.1} GiB) | {:.2} | {:.2} | {:.1} / {:.1} MiB/s | {} / {} / {} ms | {} / {} / {} ms | {cpu} |",
             s.label,
             s.rounds,
+            s.crashed,
             s.mib_per_s,
             s.gib,
             s.mib_per_s / plain.mib_per_s,
@@ -216,6 +234,46 @@ pub async fn run(args: MigrationArgs) -> anyhow::Result<()> {
         verdict(drover.pause.1 <= 300),
         drover.downtime.1
     );
+    Ok(())
+}
+
+/// `rounds` QEMU-to-QEMU migrations of a freshly booted guest, plain TCP and QEMU's TLS taking
+/// turns in the order plain, TLS, TLS, plain.
+async fn direct_block(
+    spec: &Value,
+    work: &Path,
+    rounds: u32,
+    plain: &mut Vec<Moved>,
+    tls: &mut Vec<Moved>,
+) -> anyhow::Result<()> {
+    if rounds == 0 {
+        return Ok(());
+    }
+    let mut pair = DirectMigrations::start(serde_json::from_value(spec.clone())?, work).await?;
+    println!("  direct guest: {}", wait_for_fill(pair.vm_dir()).await?);
+    for _ in 0..rounds {
+        // Plain, TLS, TLS, plain, ... over both blocks: each baseline gets as many early as late
+        // rounds, and as many odd as even ones in a block (on the machine in docs/benchmarks.md
+        // every other round was slower, whatever the transport).
+        let transport = match (plain.len() + tls.len()) % 4 {
+            0 | 3 => Transport::PlainTcp,
+            _ => Transport::QemuTls,
+        };
+        flush_host_writeback(work).await?;
+        let before = guest_console(pair.vm_dir()).0;
+        let r = pair.migrate(transport).await?;
+        let counting = guest_continues(pair.vm_dir(), before).await?;
+        let m = Moved {
+            crashed: !counting,
+            ..Moved::from(&r)
+        };
+        let round = (plain.len() + tls.len()) as u32;
+        print_round(round, transport.label(), &m);
+        match transport {
+            Transport::PlainTcp => plain.push(m),
+            Transport::QemuTls => tls.push(m),
+        }
+    }
     Ok(())
 }
 
@@ -266,6 +324,33 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "QEMU not found".into());
     format!("machine: {cores} cores, {model}; {qemu}")
+}
+
+/// How long the host may take to write its dirty page cache out before a round.
+const WRITEBACK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Writes the host's dirty page cache for `dir`'s filesystem out before a migration. Every round
+/// writes a 2 GiB target disk; without this, a round that starts while the last one's disk is
+/// still being written back shares the host disk (140 MB/s on the machine in docs/benchmarks.md)
+/// with it, and would be measured against a round that did not.
+async fn flush_host_writeback(dir: &Path) -> anyhow::Result<()> {
+    let mut sync = tokio::process::Command::new("sync");
+    sync.arg("--file-system").arg(dir).kill_on_drop(true);
+    let status = tokio::time::timeout(WRITEBACK_TIMEOUT, sync.status())
+        .await
+        .with_context(|| {
+            format!(
+                "the host did not write its page cache out within {WRITEBACK_TIMEOUT:?}; is the disk under {} that slow?",
+                dir.display()
+            )
+        })?
+        .context("cannot run sync (coreutils)")?;
+    ensure!(
+        status.success(),
+        "sync --file-system {} failed: {status}",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// A raw disk image of random bytes (no block of it is zero, none compresses).
@@ -328,22 +413,40 @@ async fn wait_for_fill(vm_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// The guest now in `vm_dir` counts on from `before` and did not boot again.
-async fn guest_continues(vm_dir: &Path, before: Option<u64>) -> anyhow::Result<()> {
+/// The guest now in `vm_dir` counts on from `before` (true), or its kernel crashed and it
+/// booted again (false: the crash is printed, and the call returns once the new boot filled its
+/// memory again, so that the next rounds move a guest like the others).
+async fn guest_continues(vm_dir: &Path, before: Option<u64>) -> anyhow::Result<bool> {
     let deadline = Instant::now() + CONTINUE_TIMEOUT;
     loop {
         let (last, boots) = guest_console(vm_dir);
-        ensure!(
-            boots == 0,
-            "the guest booted again after the migration into {}",
-            vm_dir.display()
-        );
+        if boots > 0 {
+            let console = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+            let crash: Vec<&str> = console
+                .lines()
+                .filter(|l| {
+                    ["BUG", "fault", "panic", "RIP:", "Oops"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .take(4)
+                .collect();
+            println!(
+                "  THE GUEST CRASHED after this migration and booted again:\n    {}",
+                crash.join("\n    ")
+            );
+            println!("  (refilled: {})", wait_for_fill(vm_dir).await?);
+            return Ok(false);
+        }
         if last.is_some() && last > before {
-            return Ok(());
+            return Ok(true);
         }
         ensure!(
             Instant::now() < deadline,
-            "the guest in {} did not count on from {before:?} within {CONTINUE_TIMEOUT:?}",
-            vm_dir.display()
+            "the guest in {} did not count on from {before:?} within {CONTINUE_TIMEOUT:?}; its console:\n{}\nits QEMU's log:\n{}",
+            vm_dir.display(),
+            std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default(),
+            std::fs::read_to_string(vm_dir.join("qemu.log")).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -376,62 +479,117 @@ impl QemuCpu {
     }
 }
 
-/// `rounds` migrations through Drover: their figures, and both agents' CPU seconds.
-async fn drover_rounds(args: &MigrationArgs, spec: Value) -> anyhow::Result<(Vec<Moved>, f64)> {
-    use drover_e2e::process::{AgentProcess, HubProcess, QemuReaper};
-    let hub_dir = tempfile::tempdir()?;
-    let (east_dir, west_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let _reaper = QemuReaper(vec![east_dir.path().into(), west_dir.path().into()]);
-    let vm_dirs = [
-        east_dir.path().join("vms/bench/mover"),
-        west_dir.path().join("vms/bench/mover"),
-    ];
-    std::fs::create_dir_all(&vm_dirs[0])?;
-    std::fs::write(vm_dirs[0].join("vm.json"), serde_json::to_vec(&spec)?)?;
-    let hub = HubProcess::start(hub_dir.path(), None).await;
-    let http = reqwest::Client::new();
-    let gql = |query: &'static str, variables: Value| hub.gql(query, variables);
-    let east_token = hub.create_join_token(&http, "east-1").await?;
-    let west_token = hub.create_join_token(&http, "west-1").await?;
-    let east =
-        AgentProcess::start(east_dir.path(), &hub.agents, Some(("east-1", &east_token))).await;
-    let west =
-        AgentProcess::start(west_dir.path(), &hub.agents, Some(("west-1", &west_token))).await;
-    let agent_pids = [
-        east.child.id().context("agent pid")?,
-        west.child.id().context("agent pid")?,
-    ];
-    let deadline = Instant::now() + FILL_TIMEOUT;
-    loop {
-        let v = gql(
-            r#"{ virtualMachine(cluster: "east-1", namespace: "bench", name: "mover") { phase } west: cluster(name: "west-1") { health } }"#,
-            json!({}),
+/// Drover's side of the benchmark: a real hub (SQLite) and two real agent processes (qemu
+/// runtime), the guest declared on east-1 and moved back and forth with
+/// `migrateVirtualMachine`. Dropping it stops them and kills the guest.
+struct DroverPair {
+    vm_dirs: [PathBuf; 2],
+    /// Where the guest runs now (index into `vm_dirs` and `CLUSTERS`).
+    at: usize,
+    agent_pids: [u32; 2],
+    // Dropped in this order: agents, hub, QEMUs, directories.
+    _agents: [drover_e2e::process::AgentProcess; 2],
+    hub: drover_e2e::process::HubProcess,
+    _reaper: drover_e2e::process::QemuReaper,
+    _dirs: [tempfile::TempDir; 3],
+}
+
+const CLUSTERS: [&str; 2] = ["east-1", "west-1"];
+
+impl DroverPair {
+    async fn start(spec: Value, work: &Path) -> anyhow::Result<Self> {
+        use drover_e2e::process::{AgentProcess, HubProcess, QemuReaper};
+        let dirs = [
+            tempfile::tempdir_in(work)?,
+            tempfile::tempdir_in(work)?,
+            tempfile::tempdir_in(work)?,
+        ];
+        let reaper = QemuReaper(vec![dirs[1].path().into(), dirs[2].path().into()]);
+        let vm_dirs = [
+            dirs[1].path().join("vms/bench/mover"),
+            dirs[2].path().join("vms/bench/mover"),
+        ];
+        std::fs::create_dir_all(&vm_dirs[0])?;
+        std::fs::write(vm_dirs[0].join("vm.json"), serde_json::to_vec(&spec)?)?;
+        let hub = HubProcess::start(dirs[0].path(), None).await;
+        let http = reqwest::Client::new();
+        let east_token = hub.create_join_token(&http, CLUSTERS[0]).await?;
+        let west_token = hub.create_join_token(&http, CLUSTERS[1]).await?;
+        let east = AgentProcess::start(
+            dirs[1].path(),
+            &hub.agents,
+            Some((CLUSTERS[0], &east_token)),
         )
         .await;
-        if v["data"]["virtualMachine"]["phase"] == "RUNNING"
-            && v["data"]["west"]["health"] == "READY"
-        {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the guest did not come up: {v}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let west = AgentProcess::start(
+            dirs[2].path(),
+            &hub.agents,
+            Some((CLUSTERS[1], &west_token)),
+        )
+        .await;
+        let agent_pids = [
+            east.child.id().context("agent pid")?,
+            west.child.id().context("agent pid")?,
+        ];
+        let pair = Self {
+            vm_dirs,
+            at: 0,
+            agent_pids,
+            _agents: [east, west],
+            hub,
+            _reaper: reaper,
+            _dirs: dirs,
+        };
+        pair.wait_until_running(FILL_TIMEOUT).await?;
+        Ok(pair)
     }
-    println!("  {}", wait_for_fill(&vm_dirs[0]).await?);
-    let agents_cpu = || -> f64 {
-        agent_pids
+
+    fn vm_dir(&self) -> &Path {
+        &self.vm_dirs[self.at]
+    }
+
+    /// Until the hub sees the guest running where it is and the other cluster Ready.
+    async fn wait_until_running(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self
+                .hub
+                .gql(
+                    r#"query($c: String!, $o: String!) { virtualMachine(cluster: $c, namespace: "bench", name: "mover") { phase } other: cluster(name: $o) { health } }"#,
+                    json!({"c": CLUSTERS[self.at], "o": CLUSTERS[1 - self.at]}),
+                )
+                .await;
+            if v["data"]["virtualMachine"]["phase"] == "RUNNING"
+                && v["data"]["other"]["health"] == "READY"
+            {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the hub does not see the guest running on {}: {v}",
+                CLUSTERS[self.at]
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn agents_cpu(&self) -> f64 {
+        self.agent_pids
             .iter()
             .map(|p| process_cpu_seconds(*p).unwrap_or(0.0))
             .sum()
-    };
-    let cpu0 = agents_cpu();
-    let mut moved = Vec::new();
-    let mut sides = (("east-1", 0usize), ("west-1", 1usize));
-    for round in 0..args.rounds {
-        let (source, target) = sides;
-        let before = guest_console(&vm_dirs[source.1]).0;
+    }
+
+    /// One migration to the other cluster: its figures, the agents' CPU seconds during it, and
+    /// a label.
+    async fn migrate(&mut self, round: u32) -> anyhow::Result<(Moved, f64, String)> {
+        let (source, target) = (self.at, 1 - self.at);
+        let gql = |query: &'static str, variables: Value| self.hub.gql(query, variables);
+        let cpu0 = self.agents_cpu();
+        let before = guest_console(&self.vm_dirs[source]).0;
         let started = gql(
             r#"mutation($c: String!, $t: String!) { migrateVirtualMachine(input: {cluster: $c, namespace: "bench", name: "mover", targetCluster: $t}) { id } }"#,
-            json!({"c": source.0, "t": target.0}),
+            json!({"c": CLUSTERS[source], "t": CLUSTERS[target]}),
         )
         .await;
         let id = started["data"]["migrateVirtualMachine"]["id"]
@@ -452,7 +610,7 @@ async fn drover_rounds(args: &MigrationArgs, spec: Value) -> anyhow::Result<(Vec
                 qemu_cpu = Some(QemuCpu::default());
             }
             if let Some(cpu) = qemu_cpu.as_mut() {
-                cpu.sample(&vm_dirs);
+                cpu.sample(&self.vm_dirs);
             }
             if phase == "SUCCEEDED" || phase == "FAILED" {
                 break m;
@@ -460,13 +618,14 @@ async fn drover_rounds(args: &MigrationArgs, spec: Value) -> anyhow::Result<(Vec
             ensure!(Instant::now() < deadline, "migration {id} did not end: {m}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let agents_cpu = self.agents_cpu() - cpu0;
         ensure!(
             ended["data"]["migration"]["phase"] == "SUCCEEDED",
             "round {round} failed: {ended}"
         );
         let command = gql(
             r#"query($c: String!, $k: String!) { agentCommand(cluster: $c, idempotencyKey: $k) { message } }"#,
-            json!({"c": source.0, "k": format!("{id}/send")}),
+            json!({"c": CLUSTERS[source], "k": format!("{id}/send")}),
         )
         .await;
         let message = command["data"]["agentCommand"]["message"]
@@ -474,18 +633,18 @@ async fn drover_rounds(args: &MigrationArgs, spec: Value) -> anyhow::Result<(Vec
             .unwrap_or_default();
         let sent =
             parse_sent(message).with_context(|| format!("unreadable send report: {message}"))?;
-        guest_continues(&vm_dirs[target.1], before).await?;
-        let m = Moved {
+        let counting = guest_continues(&self.vm_dirs[target], before).await?;
+        self.at = target;
+        // The hub learns the new location from the agents' inventory.
+        self.wait_until_running(Duration::from_secs(30)).await?;
+        let moved = Moved {
+            crashed: !counting,
             qemu_cpu: qemu_cpu.map_or(0.0, |c| c.total()),
             ..sent
         };
-        print_round(round, &format!("{} -> {}", source.0, target.0), &m);
-        moved.push(m);
-        sides = (target, source);
-        // The hub learns the new location from the agents' inventory.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let label = format!("{} -> {}", CLUSTERS[source], CLUSTERS[target]);
+        Ok((moved, agents_cpu, label))
     }
-    Ok((moved, agents_cpu() - cpu0))
 }
 
 /// The source agent's report of a send: "moved to west-1 (downtime 163 ms, paused 190 ms,
@@ -497,6 +656,7 @@ fn parse_sent(message: &str) -> Option<Moved> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u64>());
     Some(Moved {
+        crashed: false,
         downtime_ms: numbers.next()?.ok()?,
         pause_ms: numbers.next()?.ok()?,
         bytes: numbers.next()?.ok()?,
