@@ -459,7 +459,8 @@ fn inet(port: u16) -> qmp::InetSocketAddress {
     })
 }
 
-async fn qmp_execute<C: qmp::QmpCommand>(socket: &Path, command: C) -> anyhow::Result<C::Ok> {
+/// One QMP command on a fresh connection to `socket`, with a timeout.
+pub async fn qmp_execute<C: qmp::QmpCommand>(socket: &Path, command: C) -> anyhow::Result<C::Ok> {
     let name = C::NAME;
     let exchange = async {
         let mut stream = QmpStreamTokio::open_uds(socket).await?.negotiate().await?;

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use drover_e2e::direct_migration::{DirectMigrations, DirectRound, Transport};
+use drover_e2e::direct_migration::{qmp_execute, DirectMigrations, DirectRound, Transport};
 use drover_e2e::process::{guest_console, process_cpu_seconds};
+use qapi::qmp;
 use rand::RngCore as _;
 use serde_json::{json, Value};
 
@@ -380,7 +381,7 @@ fn guest_spec(args: &MigrationArgs, image: &Path) -> Value {
         "boot": {
             "kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"),
             "cmdline": format!(
-                "console=ttyS0 quiet panic=-1 drover.disk_writes=1 drover.dirty_fill=random drover.dirty_mib_per_s={} drover.dirty_buffer_mib={}",
+                "console=ttyS0 quiet panic=-1 oops=panic drover.disk_writes=1 drover.dirty_fill=random drover.dirty_mib_per_s={} drover.dirty_buffer_mib={}",
                 args.dirty_mib_per_s.max(1), args.dirty_buffer_mib
             ),
         },
@@ -391,7 +392,11 @@ fn guest_spec(args: &MigrationArgs, image: &Path) -> Value {
 async fn wait_for_fill(vm_dir: &Path) -> anyhow::Result<String> {
     let deadline = Instant::now() + FILL_TIMEOUT;
     loop {
-        let log = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+        let whole = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+        // Only the latest boot: after a crash the log also holds the last one's lines.
+        let log = whole
+            .rfind("drover-guest: up")
+            .map_or(whole.as_str(), |at| &whole[at..]);
         if let Some(line) = log
             .lines()
             .find(|l| l.contains("drover-guest: buffer filled"))
@@ -412,7 +417,20 @@ async fn wait_for_fill(vm_dir: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// The guest now in `vm_dir` counts on from `before` and did not boot again.
+/// Waits until the guest in `vm_dir` has booted (again) after a reset.
+async fn wait_for_boot(vm_dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + FILL_TIMEOUT;
+    while guest_console(vm_dir).1 == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the guest in {} did not boot within {FILL_TIMEOUT:?} of its reset",
+            vm_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
 /// The guest now in `vm_dir` counts on from `before` (true), or its kernel crashed and it
 /// booted again (false: the crash is printed, and the call returns once the new boot filled its
 /// memory again, so that the next rounds move a guest like the others).
@@ -420,7 +438,8 @@ async fn guest_continues(vm_dir: &Path, before: Option<u64>) -> anyhow::Result<b
     let deadline = Instant::now() + CONTINUE_TIMEOUT;
     loop {
         let (last, boots) = guest_console(vm_dir);
-        if boots > 0 {
+        // A counter that went back also means a new boot, whatever the console kept of it.
+        if boots > 0 || (last.is_some() && before.is_some() && last < before) {
             let console = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
             let crash: Vec<&str> = console
                 .lines()
@@ -441,13 +460,26 @@ async fn guest_continues(vm_dir: &Path, before: Option<u64>) -> anyhow::Result<b
         if last.is_some() && last > before {
             return Ok(true);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "the guest in {} did not count on from {before:?} within {CONTINUE_TIMEOUT:?}; its console:\n{}\nits QEMU's log:\n{}",
-            vm_dir.display(),
-            std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default(),
-            std::fs::read_to_string(vm_dir.join("qemu.log")).unwrap_or_default()
-        );
+        if Instant::now() >= deadline {
+            // A kernel that hangs without an oops: reset it like one that panicked.
+            let console = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(3).collect();
+            qmp_execute(&vm_dir.join("qmp.sock"), qmp::system_reset {})
+                .await
+                .with_context(|| {
+                    format!(
+                        "the guest in {} did not count on from {before:?} within {CONTINUE_TIMEOUT:?} and cannot be reset",
+                        vm_dir.display()
+                    )
+                })?;
+            println!(
+                "  THE GUEST HUNG after this migration (nothing new on its console for {CONTINUE_TIMEOUT:?}; its last lines: {:?}); reset",
+                tail
+            );
+            wait_for_boot(vm_dir).await?;
+            println!("  (refilled: {})", wait_for_fill(vm_dir).await?);
+            return Ok(false);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
