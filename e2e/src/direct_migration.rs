@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use drover_agent::runtime::qemu::{
-    nbd_client_options, nbd_export_options, next_poll, vm_command_line, Accel, QueryBlockJobs,
-    QueryMigrate, DOWNTIME_LIMIT_MS, SWITCHOVER_POLL,
+    mirror_options, nbd_client_options, nbd_export_options, next_poll, vm_command_line, Accel,
+    QueryBlockJobs, QueryMigrate, DOWNTIME_LIMIT_MS, SWITCHOVER_POLL,
 };
 use drover_shared::commands::VmSpec;
 use qapi::futures::QmpStreamTokio;
@@ -227,22 +227,12 @@ impl DirectMigrations {
             .await?;
             qmp_execute(
                 &src_qmp,
-                qmp::blockdev_mirror {
-                    job_id: Some(format!("mirror-{}", disk.name)),
-                    device: node.clone(),
-                    target: format!("nbd-{}", disk.name),
-                    sync: qmp::MirrorSyncMode::full,
-                    copy_mode: Some(qmp::MirrorCopyMode::write_blocking),
-                    speed: None,
-                    auto_dismiss: Some(false),
-                    auto_finalize: None,
-                    buf_size: None,
-                    filter_node_name: None,
-                    granularity: None,
-                    on_source_error: None,
-                    on_target_error: None,
-                    replaces: None,
-                },
+                mirror_options(
+                    &format!("mirror-{}", disk.name),
+                    &node,
+                    &format!("nbd-{}", disk.name),
+                    0,
+                ),
             )
             .await?;
         }

@@ -54,8 +54,8 @@ use self::state::TrackedVm;
 /// QMP's migration and block-job queries as the runtime reads them (leniently, across QEMU
 /// versions); benchmarks that drive QEMU directly read them the same way.
 pub use self::migration::commands::{
-    nbd_client_options, nbd_export_options, BlockJob, MigrationInfo, QueryBlockJobs, QueryMigrate,
-    RamStats,
+    mirror_options, nbd_client_options, nbd_export_options, BlockJob, MigrationInfo,
+    QueryBlockJobs, QueryMigrate, RamStats,
 };
 pub use self::migration::{
     next_poll, MigrationFailure, MigrationProgress, MigrationStage, ReceiverEndpoints, SendOptions,

@@ -52,7 +52,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One migration's figures, the same for every transport.
 struct Moved {
-    /// The guest's kernel crashed on the target after the migration (it booted again there).
+    /// The guest's kernel crashed or hung on the target after the migration (it booted again
+    /// there, or was reset).
     crashed: bool,
     /// The guest's whole pause, as the sender counts it: QEMU's downtime plus the time from
     /// seeing the transfer complete until the target said (Drover) or `cont` returned (direct)
@@ -87,7 +88,7 @@ impl From<&DirectRound> for Moved {
 struct Summary {
     label: &'static str,
     rounds: usize,
-    /// Rounds after which the guest's kernel crashed on the target.
+    /// Rounds after which the guest's kernel crashed or hung on the target.
     crashed: usize,
     mib_per_s: f64,
     disk_mib_per_s: f64,
@@ -432,7 +433,7 @@ async fn wait_for_boot(vm_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The guest now in `vm_dir` counts on from `before` (true), or its kernel crashed and it
-/// booted again (false: the crash is printed, and the call returns once the new boot filled its
+/// booted again, or it hung and was reset (false: the crash is printed, and the call returns once the new boot filled its
 /// memory again, so that the next rounds move a guest like the others).
 async fn guest_continues(vm_dir: &Path, before: Option<u64>) -> anyhow::Result<bool> {
     let deadline = Instant::now() + CONTINUE_TIMEOUT;

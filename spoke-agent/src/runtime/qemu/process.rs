@@ -407,7 +407,7 @@ mod tests {
         };
         let line = joined(qemu_args(&dir, &spec(), ResolvedAccel::Tcg));
         for expected in [
-            "-name guest=default/web-1",
+            "-name guest=default/web-1,debug-threads=on",
             "-accel tcg -cpu max -m 257 -smp 2",
             "-daemonize -pidfile /data/vms/default/web-1/qemu.pid",
             "-qmp unix:/data/vms/default/web-1/qmp.sock,server=on,wait=off",

@@ -330,7 +330,7 @@ pub fn nbd_client_options(
     }
 }
 
-/// `node` exported writable over NBD under its own name, as the export `id`.
+/// `node` exported writable over NBD under its node name; `id` names the export in QMP.
 pub fn nbd_export_options(id: &str, node: &str) -> qmp::BlockExportOptions {
     qmp::BlockExportOptions::nbd {
         base: qmp::BlockExportOptionsBase {
@@ -382,8 +382,33 @@ pub(crate) async fn blockdev_del(socket: &Path, node: &str) -> Result<(), QmpErr
     .map(drop)
 }
 
-/// Mirrors `device` onto `target` in write-blocking mode (see the module `migration`). The
-/// job stays after it ends (`auto-dismiss` off) so that its error can be read.
+/// A full mirror of `device` onto `target` in write-blocking mode (see the module `migration`),
+/// at most `speed` bytes/s (0: unlimited). The job stays after it ends (`auto-dismiss` off) so
+/// that its error can be read.
+pub fn mirror_options(
+    job_id: &str,
+    device: &str,
+    target: &str,
+    speed: u64,
+) -> qmp::blockdev_mirror {
+    qmp::blockdev_mirror {
+        job_id: Some(job_id.to_owned()),
+        device: device.to_owned(),
+        target: target.to_owned(),
+        sync: qmp::MirrorSyncMode::full,
+        copy_mode: Some(qmp::MirrorCopyMode::write_blocking),
+        speed: (speed > 0).then(|| i64::try_from(speed).unwrap_or(i64::MAX)),
+        auto_dismiss: Some(false),
+        auto_finalize: None,
+        buf_size: None,
+        filter_node_name: None,
+        granularity: None,
+        on_source_error: None,
+        on_target_error: None,
+        replaces: None,
+    }
+}
+
 pub(crate) async fn blockdev_mirror(
     socket: &Path,
     job_id: &str,
@@ -391,27 +416,9 @@ pub(crate) async fn blockdev_mirror(
     target: &str,
     speed: u64,
 ) -> Result<(), QmpError> {
-    execute(
-        socket,
-        qmp::blockdev_mirror {
-            job_id: Some(job_id.to_owned()),
-            device: device.to_owned(),
-            target: target.to_owned(),
-            sync: qmp::MirrorSyncMode::full,
-            copy_mode: Some(qmp::MirrorCopyMode::write_blocking),
-            speed: (speed > 0).then(|| i64::try_from(speed).unwrap_or(i64::MAX)),
-            auto_dismiss: Some(false),
-            auto_finalize: None,
-            buf_size: None,
-            filter_node_name: None,
-            granularity: None,
-            on_source_error: None,
-            on_target_error: None,
-            replaces: None,
-        },
-    )
-    .await
-    .map(drop)
+    execute(socket, mirror_options(job_id, device, target, speed))
+        .await
+        .map(drop)
 }
 
 /// `force` false on a ready mirror completes it: the target gets a consistent copy as of now.
