@@ -977,4 +977,25 @@ mod tests {
             .iter()
             .any(|n| n.contains("lowers the largest deviation by only")));
     }
+    #[test]
+    fn a_rebalance_counts_vms_on_a_node_whose_report_lags_behind_them() {
+        // hot: two nodes of 20 GiB; n1 reports 16 GiB requested for its four 4 GiB VMs, n2
+        // reports nothing although four more 4 GiB VMs run there. Each VM that leaves n2
+        // takes its memory off the cluster: the plan stops at the mean instead of emptying
+        // hot while believing nothing changed (a proptest case found the balance worsened).
+        let mut hot = cluster("hot", &[(20, 16), (20, 0)]);
+        hot.vms = (0..8)
+            .map(|i| {
+                let mut v = vm(&format!("v{i}"), 4, &format!("02:00:00:00:04:0{i}"));
+                v.node = Some(if i < 4 { "n1" } else { "n2" }.into());
+                v
+            })
+            .collect();
+        let f = fleet(vec![hot, cluster("cold", &[(40, 0)])]);
+        let mut no_spare = options();
+        no_spare.nodes_draining_in_parallel = 0;
+        let plan = plan_rebalance(&f, &no_spare, &goal());
+        // 32 of 40 GiB on hot (80 %), cold empty; mean 40 %: four 4 GiB moves balance it.
+        assert_eq!(plan.moves.len(), 4, "{plan:#?}");
+    }
 }

@@ -148,7 +148,16 @@ pub(crate) struct ClusterLoad<'a> {
 }
 
 impl<'a> ClusterLoad<'a> {
+    /// A node's load is what is requested of it, and never less than the memory of the VMs
+    /// the cluster reports on it: a node report that lags behind its VMs must neither make
+    /// room that is not there nor let a VM that leaves take less off than it holds.
     pub(crate) fn of(cluster: &'a FleetCluster) -> Self {
+        let mut held: HashMap<&str, u64> = HashMap::new();
+        for vm in cluster.vms.iter().filter(|v| holds_memory(v.phase)) {
+            if let Some(node) = vm.node.as_deref() {
+                *held.entry(node).or_default() += vm.memory_bytes;
+            }
+        }
         let mut load = Self {
             nodes: cluster
                 .nodes
@@ -157,7 +166,9 @@ impl<'a> ClusterLoad<'a> {
                 .map(|n| NodeLoad {
                     name: &n.name,
                     allocatable: n.allocatable_memory_bytes,
-                    load: n.requested_memory_bytes,
+                    load: n
+                        .requested_memory_bytes
+                        .max(held.get(n.name.as_str()).copied().unwrap_or(0)),
                 })
                 .collect(),
             ..Self::default()
@@ -232,18 +243,28 @@ impl<'a> ClusterLoad<'a> {
         self.refresh();
     }
 
-    /// Takes `memory` off `node` (by name) or, if it is not a schedulable node here, off the
-    /// busiest node.
+    /// Takes `memory` off `node` (by name), and whatever that node does not hold (it is not a
+    /// schedulable node here, or its report lags) off the busiest nodes: the cluster's load
+    /// always falls by the VM's memory, as far as it has any.
     pub(crate) fn remove(&mut self, node: Option<&str>, memory: u64) {
-        let index = node
-            .and_then(|name| self.nodes.iter().position(|n| n.name == name))
-            .or_else(|| {
-                (0..self.nodes.len()).max_by_key(|&i| (self.nodes[i].load, usize::MAX - i))
-            });
-        if let Some(i) = index {
-            self.nodes[i].load = self.nodes[i].load.saturating_sub(memory);
-            self.refresh();
+        let mut left = memory;
+        if let Some(i) = node.and_then(|name| self.nodes.iter().position(|n| n.name == name)) {
+            let taken = left.min(self.nodes[i].load);
+            self.nodes[i].load -= taken;
+            left -= taken;
         }
+        while left > 0 {
+            let Some(i) = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].load > 0)
+                .max_by_key(|&i| (self.nodes[i].load, usize::MAX - i))
+            else {
+                break;
+            };
+            let taken = left.min(self.nodes[i].load);
+            self.nodes[i].load -= taken;
+            left -= taken;
+        }
+        self.refresh();
     }
 
     /// Adds a reservation: on its node if known, else on the node with most room.
@@ -258,6 +279,11 @@ impl<'a> ClusterLoad<'a> {
             self.refresh();
         }
     }
+}
+
+/// Whether a VM in `phase` holds memory on its node (a stopped or failed one has no process).
+pub(crate) fn holds_memory(phase: VmPhase) -> bool {
+    !matches!(phase, VmPhase::Stopped | VmPhase::Failed)
 }
 
 /// The memory of every cluster after the fleet's reservations.
