@@ -36,6 +36,69 @@ const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 /// Longest control message.
 const MAX_MESSAGE: usize = 1 << 20;
 
+/// How often a sender reports its progress to the hub.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Which progress reports go to the hub: about one a second, the one that says nothing is
+/// left, and, once the transfer ended, the last one held back (`flush`). A transfer shorter
+/// than a second still leaves its final figures on the hub.
+#[derive(Debug)]
+struct ProgressThrottle {
+    every: Duration,
+    last_sent: Option<Instant>,
+    held: Option<MigrationProgress>,
+}
+
+impl ProgressThrottle {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last_sent: None,
+            held: None,
+        }
+    }
+
+    /// The report to send now, if it is due; otherwise it is held until the next one or
+    /// `flush`.
+    fn offer(&mut self, progress: MigrationProgress, now: Instant) -> Option<MigrationProgress> {
+        let due = progress.bytes_remaining == 0
+            || self
+                .last_sent
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.every);
+        if due {
+            self.last_sent = Some(now);
+            self.held = None;
+            Some(progress)
+        } else {
+            self.held = Some(progress);
+            None
+        }
+    }
+
+    /// The latest report not sent yet.
+    fn flush(&mut self) -> Option<MigrationProgress> {
+        self.held.take()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn running_status(
+    migration: MigrationId,
+    cluster: &ClusterName,
+    progress: MigrationProgress,
+) -> AgentMessage {
+    AgentMessage::MigrationStatus(MigrationStatus {
+        migration_id: migration,
+        phase: MigrationPhase::Running,
+        progress: Some(progress),
+        message: None,
+        cluster: cluster.clone(),
+    })
+}
+
 /// What a send reports when the memory stream completed (the source is paused).
 #[derive(Debug, Clone, Copy)]
 pub struct SendReport {
@@ -581,24 +644,17 @@ impl<R: MigrationRuntime> MigrationController<R> {
         .map_err(|e| format!("cannot open the memory tunnel: {e}"))?;
         self.status(migration, MigrationPhase::Running, None);
 
-        let outbox = self.outbox.clone();
-        let cluster = self.cluster.clone();
-        let last = Mutex::new(Instant::now() - Duration::from_secs(2));
-        let progress = Box::new(move |p: MigrationProgress| {
-            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-            // Once a second, and always when nothing is left to send: the final figures
-            // reach the hub even when the whole transfer took less than a second.
-            if last.elapsed() >= Duration::from_secs(1) || p.bytes_remaining == 0 {
-                *last = Instant::now();
-                let _ = outbox.send(AgentMessage::MigrationStatus(MigrationStatus {
-                    migration_id: migration,
-                    phase: MigrationPhase::Running,
-                    progress: Some(p),
-                    message: None,
-                    cluster: cluster.clone(),
-                }));
-            }
-        });
+        let throttle = Arc::new(Mutex::new(ProgressThrottle::new(PROGRESS_EVERY)));
+        let progress = {
+            let (outbox, cluster) = (self.outbox.clone(), self.cluster.clone());
+            let throttle = throttle.clone();
+            Box::new(move |p: MigrationProgress| {
+                let due = lock(&throttle).offer(p, Instant::now());
+                if let Some(p) = due {
+                    let _ = outbox.send(running_status(migration, &cluster, p));
+                }
+            })
+        };
         let send = self
             .runtime
             .send(
@@ -641,6 +697,15 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 },
             }
         };
+        // The last figures go out before the send's outcome (the same ordered channel), so
+        // the hub records them before it ends the migration and exports its trace, however
+        // short the transfer was.
+        let last = lock(&throttle).flush();
+        if let Some(p) = last {
+            let _ = self
+                .outbox
+                .send(running_status(migration, &self.cluster, p));
+        }
         let report = match report {
             Ok(r) => r,
             Err(reason) => {
@@ -808,5 +873,54 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(transferred: u64, remaining: u64) -> MigrationProgress {
+        MigrationProgress {
+            bytes_total: 160 << 20,
+            bytes_transferred: transferred,
+            bytes_remaining: remaining,
+            dirty_rate_bytes_per_sec: 0,
+            throughput_bytes_per_sec: 0,
+        }
+    }
+
+    #[test]
+    fn a_transfer_shorter_than_a_second_still_leaves_its_final_figures() {
+        // The case that left a trace saying 0 bytes moved: the first report goes out, the
+        // rest of a 0.8 s transfer falls inside the second, and the last one still counts a
+        // few bytes of disk as remaining.
+        let start = Instant::now();
+        let mut throttle = ProgressThrottle::new(PROGRESS_EVERY);
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(
+            throttle.offer(report(0, 160 << 20), at(0)),
+            Some(report(0, 160 << 20))
+        );
+        assert_eq!(throttle.offer(report(80 << 20, 80 << 20), at(400)), None);
+        assert_eq!(throttle.offer(report(159 << 20, 4096), at(800)), None);
+        assert_eq!(throttle.flush(), Some(report(159 << 20, 4096)));
+        assert_eq!(throttle.flush(), None, "sent once");
+    }
+
+    #[test]
+    fn reports_go_out_once_a_second_and_when_nothing_is_left() {
+        let start = Instant::now();
+        let mut throttle = ProgressThrottle::new(PROGRESS_EVERY);
+        let at = |ms| start + Duration::from_millis(ms);
+        assert!(throttle.offer(report(0, 100), at(0)).is_some());
+        assert!(throttle.offer(report(10, 90), at(500)).is_none());
+        assert!(throttle.offer(report(20, 80), at(1000)).is_some());
+        assert!(throttle.offer(report(100, 0), at(1100)).is_some());
+        assert_eq!(
+            throttle.flush(),
+            None,
+            "nothing held after the final report"
+        );
     }
 }
