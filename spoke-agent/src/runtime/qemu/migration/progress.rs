@@ -19,6 +19,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::{mib, MigrationProgress, MigrationStage, SendOptions};
+
+/// Below this throughput nothing moves: the link to the target is stalled.
+const STALLED_THROUGHPUT: u64 = 64 << 10;
+
 /// A pass must start at least this much (in percent) below the best earlier start to count:
 /// noise in a non-converging guest's dirty set must not look like progress.
 const CONVERGENCE_STEP_PERCENT: u64 = 10;
@@ -143,6 +148,51 @@ impl ProgressTracker {
     }
 }
 
+/// Why a send that made no progress for its timeout gives up, in the operator's terms.
+///
+/// Pre-copy memory that stays, pass after pass, while the link still carries bytes is a guest
+/// that dirties memory as fast as the link sends it: whatever QEMU's sampled dirty rate says
+/// (on a busy host it can read a little below the throughput), the memory does not converge,
+/// and the remedies are the same (more bandwidth, auto-converge, post-copy). Only a link that
+/// carries next to nothing is called stalled.
+pub(crate) fn stall_reason(report: &MigrationProgress, options: &SendOptions) -> String {
+    let rates = format!(
+        "dirty rate {}/s, throughput {}/s",
+        mib(report.dirty_rate_bytes_per_sec),
+        mib(report.throughput_bytes_per_sec)
+    );
+    let moving = report.throughput_bytes_per_sec >= STALLED_THROUGHPUT;
+    let why = match report.stage {
+        MigrationStage::PostCopy => format!(
+            "post-copy stopped moving ({} of memory left, throughput {}/s); the link to the target is stalled",
+            mib(report.memory_remaining_bytes),
+            mib(report.throughput_bytes_per_sec)
+        ),
+        MigrationStage::Memory | MigrationStage::Switchover if moving => {
+            let help = match (options.allow_auto_converge, options.allow_post_copy) {
+                (false, false) => " and neither auto-converge nor post-copy is allowed".to_owned(),
+                (true, _) => format!(
+                    " even with auto-converge throttling its vCPUs by {}%",
+                    report.cpu_throttle_percent
+                ),
+                (false, true) => String::new(),
+            };
+            format!(
+                "the guest dirties memory faster than the link carries it: {} stay to be sent pass after pass ({rates}){help}",
+                mib(report.memory_remaining_bytes)
+            )
+        }
+        _ => format!(
+            "{} stay to be sent ({rates}); the link to the target is stalled",
+            mib(report.remaining_bytes)
+        ),
+    };
+    format!(
+        "it made no progress for {:?}: {why}",
+        options.progress_timeout
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +243,80 @@ mod tests {
             }
         }
         samples
+    }
+
+    fn stalled_at(stage: MigrationStage, dirty: u64, throughput: u64) -> MigrationProgress {
+        MigrationProgress {
+            stage,
+            elapsed: Duration::from_secs(30),
+            total_bytes: 160 * MIB,
+            transferred_bytes: 200 * MIB,
+            remaining_bytes: 3 * MIB,
+            disk_total_bytes: 32 * MIB,
+            disk_remaining_bytes: 0,
+            memory_total_bytes: 128 * MIB,
+            memory_remaining_bytes: 3 * MIB,
+            memory_passes: 12,
+            dirty_rate_bytes_per_sec: dirty,
+            throughput_bytes_per_sec: throughput,
+            cpu_throttle_percent: 0,
+        }
+    }
+
+    fn send_options(auto_converge: bool, post_copy: bool) -> SendOptions {
+        SendOptions {
+            nbd_socket: "/nbd".into(),
+            migration_socket: "/mig".into(),
+            bandwidth_bytes_per_sec: 4 * MIB,
+            allow_auto_converge: auto_converge,
+            allow_post_copy: post_copy,
+            completion_timeout: Duration::from_secs(600),
+            progress_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn memory_that_never_converges_is_called_dirtying_whatever_the_sampled_rate() {
+        let options = send_options(false, false);
+        // The CI failure: a busy host sampled the dirty rate a little below the throughput.
+        for (dirty, throughput) in [
+            (36 * MIB / 10, 4 * MIB),
+            (16 * MIB, 4 * MIB),
+            (MIB / 2, 4 * MIB),
+            (0, 4 * MIB),
+        ] {
+            let reason = stall_reason(
+                &stalled_at(MigrationStage::Memory, dirty, throughput),
+                &options,
+            );
+            assert!(
+                reason.contains("dirties memory faster than the link carries it")
+                    && reason.contains("neither auto-converge nor post-copy"),
+                "{reason}"
+            );
+        }
+        let reason = stall_reason(
+            &stalled_at(MigrationStage::Memory, 16 * MIB, 4 * MIB),
+            &send_options(true, false),
+        );
+        assert!(reason.contains("even with auto-converge"), "{reason}");
+    }
+
+    #[test]
+    fn a_link_that_carries_nothing_is_called_stalled() {
+        for stage in [MigrationStage::Memory, MigrationStage::Disks] {
+            let reason = stall_reason(&stalled_at(stage, 16 * MIB, 0), &send_options(false, false));
+            assert!(
+                reason.contains("the link to the target is stalled"),
+                "{reason}"
+            );
+            assert!(!reason.contains("dirties"), "{reason}");
+        }
+        let reason = stall_reason(
+            &stalled_at(MigrationStage::PostCopy, 0, 0),
+            &send_options(false, true),
+        );
+        assert!(reason.contains("post-copy stopped moving"), "{reason}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::super::layout::{self, VmDir, VmKey};
 use super::super::qmp::QmpError;
 use super::super::{lock, process, QemuRuntime, RuntimeError};
 use super::commands::{self, BlockJob, MigrationInfo};
-use super::progress::{ProgressTracker, Sample, Stage};
+use super::progress::{stall_reason, ProgressTracker, Sample, Stage};
 use super::{
     check_migration_id, check_socket_path, disk_node, in_progress, marker_file, mib, mirror_job,
     nbd_node, next_poll, read_marker, remove_marker, write_marker, Failure, Marker,
@@ -744,7 +744,7 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
                     } else {
                         return Err(Failure::new(
                             MigrationFailure::Stalled,
-                            self.stall_reason(&report),
+                            stall_reason(&report, self.options),
                         ));
                     }
                 }
@@ -860,44 +860,6 @@ impl<F: Fn(MigrationProgress) + Send + Sync> Transfer<'_, F> {
         };
         (self.progress)(report.clone());
         report
-    }
-
-    fn stall_reason(&self, report: &MigrationProgress) -> String {
-        let options = self.options;
-        let rates = format!(
-            "dirty rate {}/s, throughput {}/s",
-            mib(report.dirty_rate_bytes_per_sec),
-            mib(report.throughput_bytes_per_sec)
-        );
-        let why = if report.stage == MigrationStage::PostCopy {
-            format!(
-                "post-copy stopped moving ({} of memory left, throughput {}/s); the link to the target is stalled",
-                mib(report.memory_remaining_bytes),
-                mib(report.throughput_bytes_per_sec)
-            )
-        } else if report.dirty_rate_bytes_per_sec.saturating_mul(10)
-            >= report.throughput_bytes_per_sec.saturating_mul(9)
-            && report.dirty_rate_bytes_per_sec > 0
-        {
-            let help = match (options.allow_auto_converge, options.allow_post_copy) {
-                (false, false) => " and neither auto-converge nor post-copy is allowed".to_owned(),
-                (true, _) => format!(
-                    " even with auto-converge throttling its vCPUs by {}%",
-                    report.cpu_throttle_percent
-                ),
-                (false, true) => String::new(),
-            };
-            format!("the guest dirties memory faster than the link carries it ({rates}){help}")
-        } else {
-            format!(
-                "{} of memory stay to be sent pass after pass ({rates}); the link to the target is stalled or too slow",
-                mib(report.memory_remaining_bytes)
-            )
-        };
-        format!(
-            "it made no progress for {:?}: {why}",
-            options.progress_timeout
-        )
     }
 }
 
