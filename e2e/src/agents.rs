@@ -54,9 +54,14 @@ impl RunningAgent {
         Self { status, stop, task }
     }
 
+    /// Stops the agent and waits until its session task has ended (its connection to the hub
+    /// is then closed), so that what a test does next happens while the agent is offline.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the agent stops within 60 s")
+            .expect("the agent's session task ended cleanly");
     }
 }
 

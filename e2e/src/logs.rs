@@ -46,10 +46,11 @@ pub fn lines_with(needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Waits (at most 10 s) for a captured line containing every one of `needles`, and returns it;
-/// fails the test with everything captured when there is none.
+/// Waits (at most 60 s: the line is logged by a task that a loaded machine may run late) for a
+/// captured line containing every one of `needles`, and returns it; fails the test with
+/// everything captured when there is none.
 pub async fn expect_line(needles: &[&str]) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(line) = lines_with(needles).into_iter().next() {
             return line;

@@ -27,18 +27,18 @@ const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
 const REQUIRED_BINARIES: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 /// How long `initdb` may take (it is usually done in a second or two with `--no-sync`).
 const INITDB_TIMEOUT: Duration = Duration::from_secs(120);
-/// `pg_ctl -t` for start and stop, in seconds.
-const PG_CTL_WAIT_SECS: u64 = 30;
+/// `pg_ctl -t` for start and stop, in seconds (a loaded CI machine can be slow to start one).
+const PG_CTL_WAIT_SECS: u64 = 60;
 /// Extra time granted on top of `pg_ctl -t` before the `pg_ctl` process itself is abandoned.
 const PG_CTL_GRACE: Duration = Duration::from_secs(10);
 /// How long a started server may take to accept SQL connections.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often readiness is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Timeout for one readiness probe connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout for the admin connection used by `create_database`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for one `CREATE DATABASE`.
 const CREATE_DATABASE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many fresh ports are tried when the chosen one was taken before the server bound it.

@@ -58,9 +58,10 @@ impl HubProcess {
         }
         let mut child = cmd.spawn().expect("start drover-hub");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        // Generous: a loaded CI machine may take long to start a process and migrate a store.
+        let first = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
             .await
-            .expect("drover-hub announces its address within 60 s")
+            .expect("drover-hub announces its address within 120 s")
             .unwrap()
             .expect("drover-hub printed a line");
         let base = first
@@ -69,7 +70,7 @@ impl HubProcess {
             .to_owned();
         let mut agents = String::new();
         for _ in 0..5 {
-            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
                 .await
                 .expect("drover-hub prints its endpoints")
                 .unwrap()
@@ -181,7 +182,7 @@ impl AgentProcess {
     /// kill -9, and reap it.
     pub async fn kill9(&mut self) {
         let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await;
     }
 }
 

@@ -19,12 +19,15 @@ const VMS: usize = 6;
 const LIMITS: [(&str, usize); 3] = [("east-1", 2), ("west-1", 1), ("north-1", 1)];
 const MAX_IN_FLIGHT: usize = 2;
 
+/// Heartbeats every second, but a silence limit (30 s) that six TCG guests migrating on a
+/// busy 2-core machine never trip by accident: a cluster that turned Unreachable for a late
+/// heartbeat would hold up or fail the evacuation. Nothing here waits for silence.
 fn hub_args() -> Vec<String> {
     [
         "--heartbeat-interval-secs",
         "1",
         "--silence-limit-secs",
-        "5",
+        "30",
         "--max-migrations-in-flight",
         &MAX_IN_FLIGHT.to_string(),
     ]
@@ -183,7 +186,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     }
     eventually(
         "six guests RUNNING on east-1, west-1 and north-1 ready",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         async || {
             let ready = gql(
                 &hub,
@@ -212,11 +215,16 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     let vm_dirs: Vec<_> = (0..VMS)
         .map(|i| east_dir.join(format!("vms/web/app-{i}")))
         .collect();
-    eventually("the guests counting", Duration::from_secs(60), async || {
-        vm_dirs
-            .iter()
-            .all(|d| guest_console(d).0.is_some_and(|n| n >= 10))
-    })
+    // Six TCG guests booting at once on two busy cores: give them time.
+    eventually(
+        "the guests counting",
+        Duration::from_secs(300),
+        async || {
+            vm_dirs
+                .iter()
+                .all(|d| guest_console(d).0.is_some_and(|n| n >= 10))
+        },
+    )
     .await;
 
     // The dry run: every VM has a target, the limits are stated.
@@ -252,7 +260,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     // Halfway: kill -9 the hub, then start it again on the same store.
     eventually(
         "the first moves done",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         async || {
             let e = gql(&hub, EVACUATION, json!({"id": id})).await;
             e["data"]["evacuation"]["counters"]["succeeded"]
@@ -268,7 +276,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     let mut last = Value::Null;
     eventually(
         "the evacuation to end",
-        Duration::from_secs(240),
+        Duration::from_secs(600),
         async || {
             last = gql(&hub, EVACUATION, json!({"id": id})).await;
             last["data"]["evacuation"]["state"] != "RUNNING" && !last.is_null()
@@ -327,7 +335,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
             .unwrap_or_else(|| panic!("{name} runs somewhere"));
         eventually(
             "the guest counting on its target",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
             async || guest_console(&target).0.is_some_and(|n| n >= 10),
         )
         .await;
@@ -336,7 +344,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     }
     eventually(
         "the hub sees every VM on its target",
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         async || {
             vms_on(&hub, "east-1").await.is_empty()
                 && vms_on(&hub, "west-1").await.len() + vms_on(&hub, "north-1").await.len() == VMS

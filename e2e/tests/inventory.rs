@@ -1122,12 +1122,12 @@ async fn subscriptions_stream_inventory_changes_over_websocket(b: Backend) {
         "graphql-transport-ws".parse().unwrap(),
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let timeout = std::time::Duration::from_secs(10);
+    let timeout = std::time::Duration::from_secs(60);
     let next_text = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
         loop {
             let msg = tokio::time::timeout(timeout, ws.next())
                 .await
-                .expect("a message within 10 s")
+                .expect("a message within 60 s")
                 .expect("the socket stays open")
                 .unwrap();
             if let Message::Text(t) = msg {
@@ -1141,6 +1141,7 @@ async fn subscriptions_stream_inventory_changes_over_websocket(b: Backend) {
     .await
     .unwrap();
     assert_eq!(next_text(&mut ws).await["type"], "connection_ack");
+    let listeners_before = h.hub.events.receiver_count();
     ws.send(Message::Text(
         json!({"id": "1", "type": "subscribe", "payload": {
             "query": "subscription { inventoryEvents(cluster: \"east-1\") { cluster kind generation changes } }"}})
@@ -1149,12 +1150,19 @@ async fn subscriptions_stream_inventory_changes_over_websocket(b: Backend) {
     ))
     .await
     .unwrap();
-    // The subscription is registered once the server has processed the message; give it a
-    // moment by round-tripping a ping.
     ws.send(Message::Text(json!({"type": "ping"}).to_string().into()))
         .await
         .unwrap();
     assert_eq!(next_text(&mut ws).await["type"], "pong");
+    // The pong does not prove the subscription listens yet (the server may answer a ping that
+    // arrived with the subscribe before it first polls the new stream): wait until the
+    // subscription holds a receiver of the hub's inventory events.
+    drover_e2e::agents::eventually(
+        "the subscription to listen",
+        std::time::Duration::from_secs(60),
+        async || h.hub.events.receiver_count() > listeners_before,
+    )
+    .await;
     three_vm_cluster(&h, "west-9", 1).await; // another cluster: filtered out
     three_vm_cluster(&h, "east-1", 1).await;
     let ev = next_text(&mut ws).await;

@@ -62,7 +62,7 @@ async fn channels_reach_only_the_expected_migration_from_its_source() {
     // The source's control channel is handed to the receiving side.
     let dialer = PeerDialer::new(&source, &url, &west, migration).unwrap();
     let mut control = dialer.open(SyncChannel::Control).await.unwrap();
-    let mut received = tokio::time::timeout(Duration::from_secs(5), control_rx.recv())
+    let mut received = tokio::time::timeout(Duration::from_secs(60), control_rx.recv())
         .await
         .unwrap()
         .unwrap();
@@ -109,7 +109,8 @@ async fn channels_reach_only_the_expected_migration_from_its_source() {
     let read = async {
         r.read_exact(&mut echoed).await.unwrap();
     };
-    tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+    // Generous: only a tunnel that loses bytes (or hangs) takes this long.
+    tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
         .await
         .expect("256 KiB through the tunnel and back");
     assert_eq!(
