@@ -382,9 +382,23 @@ pub(crate) async fn blockdev_del(socket: &Path, node: &str) -> Result<(), QmpErr
     .map(drop)
 }
 
+/// QEMU's own buffer for a mirror (`buf-size` left out): 16 MiB.
+const DEFAULT_MIRROR_BUFFER: u64 = 16 << 20;
+/// The smallest buffer a rate-limited mirror gets (QEMU rounds it up to the granularity).
+const MIN_MIRROR_BUFFER: u64 = 256 << 10;
+
+/// A mirror's `buf-size` at `speed` bytes/s: about one second of data in flight. QEMU copies a
+/// whole buffer, then sleeps until the rate limit allows the next: with its default 16 MiB at
+/// 1 MiB/s the job's offset would stand still for 16 s, which looks like a stalled link to the
+/// progress check. Unlimited or fast mirrors keep QEMU's default.
+fn mirror_buffer(speed: u64) -> Option<i64> {
+    (speed > 0 && speed < DEFAULT_MIRROR_BUFFER)
+        .then(|| speed.max(MIN_MIRROR_BUFFER).next_power_of_two() as i64)
+}
+
 /// A full mirror of `device` onto `target` in write-blocking mode (see the module `migration`),
-/// at most `speed` bytes/s (0: unlimited). The job stays after it ends (`auto-dismiss` off) so
-/// that its error can be read.
+/// at most `speed` bytes/s (0: unlimited), with about a second of data in flight when it is
+/// limited. The job stays after it ends (`auto-dismiss` off) so that its error can be read.
 pub fn mirror_options(
     job_id: &str,
     device: &str,
@@ -400,7 +414,7 @@ pub fn mirror_options(
         speed: (speed > 0).then(|| i64::try_from(speed).unwrap_or(i64::MAX)),
         auto_dismiss: Some(false),
         auto_finalize: None,
-        buf_size: None,
+        buf_size: mirror_buffer(speed),
         filter_node_name: None,
         granularity: None,
         on_source_error: None,
@@ -560,4 +574,24 @@ pub(crate) async fn block_export_add_nbd(
 
 pub(crate) async fn cont(socket: &Path) -> Result<(), QmpError> {
     execute(socket, qmp::cont {}).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_mirror_keeps_about_a_second_in_flight_and_a_fast_one_qemus_default() {
+        assert_eq!(mirror_buffer(0), None, "unlimited");
+        assert_eq!(mirror_buffer(1 << 20), Some(1 << 20));
+        assert_eq!(mirror_buffer(3 << 20), Some(4 << 20));
+        assert_eq!(mirror_buffer(10 << 10), Some(256 << 10), "never tiny");
+        assert_eq!(
+            mirror_buffer(64 << 20),
+            None,
+            "fast enough for QEMU's 16 MiB"
+        );
+        let options = mirror_options("job", "disk", "nbd", 1 << 20);
+        assert_eq!(options.buf_size, Some(1 << 20));
+    }
 }
