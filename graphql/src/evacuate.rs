@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_graphql::{Context, InputObject, Object, Result, SimpleObject, ID};
+use async_graphql::{Context, Enum, InputObject, Object, Result, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use drover_shared::ClusterName;
 
@@ -14,7 +14,7 @@ use crate::admin::{
     CannotMoveRecord, ClusterLimitsRecord, EvacuationRecord, FleetAdmin, PlanAsk, PlanRecord,
     PlannedMoveRecord, PolicyRecord,
 };
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::lifecycle::LabelInput;
 use crate::schema::{Label, Long};
 
@@ -66,11 +66,62 @@ pub struct PlanLimits {
     pub clusters: Vec<ClusterLimits>,
 }
 
+/// What a fleet plan (and the evacuation that carries it out) does.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PlanKind {
+    /// Empty one cluster (it is cordoned first).
+    Evacuation,
+    /// Bring the clusters' memory utilisation within a band.
+    Rebalance,
+}
+
+impl PlanKind {
+    fn parse(stored: &str) -> Result<Self, ApiError> {
+        match stored.to_ascii_lowercase().as_str() {
+            "evacuation" => Ok(Self::Evacuation),
+            "rebalance" => Ok(Self::Rebalance),
+            other => Err(unreadable("kind", other)),
+        }
+    }
+}
+
+/// Where an evacuation or rebalance is.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum EvacuationState {
+    /// Its migrations are queued or running.
+    Running,
+    /// Every planned VM moved.
+    Succeeded,
+    /// Ended with some VMs not moved (failed after their attempts).
+    Failed,
+    /// An operator cancelled it; what had moved stays moved.
+    Cancelled,
+}
+
+impl EvacuationState {
+    fn parse(stored: &str) -> Result<Self, ApiError> {
+        match stored.to_ascii_lowercase().as_str() {
+            "running" => Ok(Self::Running),
+            "succeeded" => Ok(Self::Succeeded),
+            "failed" => Ok(Self::Failed),
+            "cancelled" => Ok(Self::Cancelled),
+            other => Err(unreadable("state", other)),
+        }
+    }
+}
+
+/// A stored value this version of the API does not know (a newer hub wrote it?).
+fn unreadable(field: &str, value: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("an evacuation's stored {field} {value:?} is not one this hub knows"),
+    )
+}
+
 /// A dry-run plan.
 #[derive(SimpleObject)]
 pub struct FleetPlan {
-    /// EVACUATION or REBALANCE.
-    pub kind: String,
+    pub kind: PlanKind,
     /// The evacuated cluster.
     pub cluster: Option<String>,
     pub moves: Vec<PlannedMove>,
@@ -84,10 +135,12 @@ fn clamp(v: i64) -> i32 {
     v.clamp(0, i32::MAX as i64) as i32
 }
 
-impl From<PlanRecord> for FleetPlan {
-    fn from(p: PlanRecord) -> Self {
-        Self {
-            kind: p.kind.to_uppercase(),
+impl TryFrom<PlanRecord> for FleetPlan {
+    type Error = ApiError;
+
+    fn try_from(p: PlanRecord) -> Result<Self, ApiError> {
+        Ok(Self {
+            kind: PlanKind::parse(&p.kind)?,
             cluster: p.cluster,
             moves: p
                 .moves
@@ -131,7 +184,7 @@ impl From<PlanRecord> for FleetPlan {
                     .collect(),
             },
             estimated_duration_seconds: p.estimated_seconds,
-        }
+        })
     }
 }
 
@@ -152,10 +205,9 @@ pub struct EvacuationCounters {
 #[derive(SimpleObject)]
 pub struct Evacuation {
     pub id: ID,
-    pub kind: String,
+    pub kind: PlanKind,
     pub cluster: Option<String>,
-    /// RUNNING, SUCCEEDED, FAILED or CANCELLED.
-    pub state: String,
+    pub state: EvacuationState,
     pub plan: FleetPlan,
     pub counters: EvacuationCounters,
     pub created_by: String,
@@ -166,14 +218,16 @@ pub struct Evacuation {
     pub estimated_finish_at: Option<DateTime<Utc>>,
 }
 
-impl From<EvacuationRecord> for Evacuation {
-    fn from(e: EvacuationRecord) -> Self {
-        Self {
+impl TryFrom<EvacuationRecord> for Evacuation {
+    type Error = ApiError;
+
+    fn try_from(e: EvacuationRecord) -> Result<Self, ApiError> {
+        Ok(Self {
             id: ID(e.id.to_string()),
-            kind: e.kind.to_uppercase(),
+            kind: PlanKind::parse(&e.kind)?,
             cluster: e.cluster,
-            state: e.state.to_uppercase(),
-            plan: e.plan.into(),
+            state: EvacuationState::parse(&e.state)?,
+            plan: e.plan.try_into()?,
             counters: EvacuationCounters {
                 planned: clamp(e.planned),
                 queued: clamp(e.queued),
@@ -187,7 +241,7 @@ impl From<EvacuationRecord> for Evacuation {
             started_at: e.started_at,
             finished_at: e.finished_at,
             estimated_finish_at: e.estimated_finish_at,
-        }
+        })
     }
 }
 
@@ -312,8 +366,9 @@ async fn evacuation(ctx: &Context<'_>, id: uuid::Uuid) -> Result<Evacuation> {
         .map_err(ApiError::from)?
         .into_iter()
         .next()
-        .map(Evacuation::from)
-        .ok_or_else(|| ApiError::not_found(format!("evacuation {id} does not exist")).into())
+        .ok_or_else(|| ApiError::not_found(format!("evacuation {id} does not exist")))?
+        .try_into()
+        .map_err(Into::into)
 }
 
 fn selector(labels: Vec<LabelInput>) -> Result<BTreeMap<String, String>, ApiError> {
@@ -343,7 +398,11 @@ impl EvacuationMutation {
         input: EvacuationInput,
     ) -> Result<FleetPlan> {
         let ask = evacuation_ask(&input)?;
-        Ok(admin(ctx).plan(ask).await.map_err(ApiError::from)?.into())
+        Ok(admin(ctx)
+            .plan(ask)
+            .await
+            .map_err(ApiError::from)?
+            .try_into()?)
     }
 
     /// Empties a cluster: cordons it, plans again on the fleet as it is now (refused with
@@ -379,7 +438,11 @@ impl EvacuationMutation {
     /// band (pinned, affinity-grouped and recently moved VMs stay).
     async fn plan_rebalance(&self, ctx: &Context<'_>, input: RebalanceInput) -> Result<FleetPlan> {
         let ask = rebalance_ask(&input)?;
-        Ok(admin(ctx).plan(ask).await.map_err(ApiError::from)?.into())
+        Ok(admin(ctx)
+            .plan(ask)
+            .await
+            .map_err(ApiError::from)?
+            .try_into()?)
     }
 
     /// Runs a rebalance (planned again now); refused within the hold-down time of the last one.
@@ -458,8 +521,8 @@ pub async fn evacuations(ctx: &Context<'_>, first: Option<i32>) -> Result<Vec<Ev
         .await
         .map_err(ApiError::from)?
         .into_iter()
-        .map(Evacuation::from)
-        .collect())
+        .map(Evacuation::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 pub async fn evacuation_by_id(ctx: &Context<'_>, id: ID) -> Result<Option<Evacuation>> {
@@ -470,7 +533,8 @@ pub async fn evacuation_by_id(ctx: &Context<'_>, id: ID) -> Result<Option<Evacua
         .map_err(ApiError::from)?
         .into_iter()
         .next()
-        .map(Evacuation::from))
+        .map(Evacuation::try_from)
+        .transpose()?)
 }
 
 pub async fn migration_policies(ctx: &Context<'_>) -> Result<Vec<MigrationPolicy>> {
