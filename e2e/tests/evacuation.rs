@@ -1,8 +1,9 @@
-//! An evacuation with real processes and real QEMU guests: six running VMs leave a cluster for
-//! two others with one mutation, under per-cluster limits, while the hub is killed (-9) and
-//! restarted halfway. Every VM ends running elsewhere, moved exactly once, without a reboot;
-//! the phase timestamps the hub recorded show no limit was ever exceeded; the evacuated
-//! (cordoned) cluster received nothing.
+//! An evacuation with real processes and real QEMU guests on a real PostgreSQL: six running
+//! VMs leave a cluster for two others with one mutation, under per-cluster limits, while the
+//! database is stopped and started again with migrations in flight (the hub carries on without
+//! a restart) and then the hub is killed (-9) and restarted. Every VM ends running elsewhere,
+//! moved exactly once, without a reboot; the phase timestamps the hub recorded show no limit
+//! was ever exceeded; the evacuated (cordoned) cluster received nothing.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use drover_e2e::agents::eventually;
+use drover_e2e::postgres::PgCluster;
 use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
 use drover_e2e::testbed::test_guest;
 use serde_json::{json, Value};
@@ -161,7 +163,7 @@ fn assert_limits_kept(migrations: &[Value]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
+async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_hub_crash() {
     let guest = test_guest();
     let hub_dir = tempfile::tempdir().unwrap();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -170,9 +172,11 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
     for i in 0..VMS {
         declare(east_dir, &guest, i);
     }
+    let pg = PgCluster::start_dedicated().await.unwrap();
+    let url = pg.create_database("evacuation").await.unwrap();
     let args = hub_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut hub = HubProcess::start_with_args(hub_dir.path(), None, 0, &args).await;
+    let mut hub = HubProcess::start_with_args(hub_dir.path(), Some(&url), 0, &args).await;
     let agent_port: u16 = hub.agents.rsplit(':').next().unwrap().parse().unwrap();
     let http = reqwest::Client::new();
     let mut agents = Vec::new();
@@ -257,21 +261,64 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_hub_crash() {
         VMS
     );
 
-    // Halfway: kill -9 the hub, then start it again on the same store.
+    // With migrations in flight after the first move: the database goes away and comes back.
+    // The drivers and the scheduler wait it out and carry on, without a hub restart.
+    let succeeded = async |hub: &HubProcess| {
+        gql(hub, EVACUATION, json!({"id": id})).await["data"]["evacuation"]["counters"]["succeeded"]
+            .as_i64()
+    };
     eventually(
-        "the first moves done",
-        Duration::from_secs(300),
+        "the first move done and the next ones in flight",
+        Duration::from_secs(600),
         async || {
             let e = gql(&hub, EVACUATION, json!({"id": id})).await;
-            e["data"]["evacuation"]["counters"]["succeeded"]
-                .as_i64()
-                .is_some_and(|n| n >= 2)
+            let c = &e["data"]["evacuation"]["counters"];
+            c["succeeded"].as_i64().is_some_and(|n| n >= 1)
+                && c["running"].as_i64().is_some_and(|n| n >= 1)
         },
     )
     .await;
+    let before_outage = succeeded(&hub).await.unwrap_or_default();
+    pg.stop().await.unwrap();
+    // Long enough for every driver and the scheduler to fail against it several times.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    pg.start().await.unwrap();
+    let back = std::time::Instant::now();
+    eventually(
+        "moves completing after the database came back",
+        Duration::from_secs(600),
+        async || {
+            succeeded(&hub)
+                .await
+                .is_some_and(|n| n > before_outage && n >= 3)
+        },
+    )
+    .await;
+    eprintln!(
+        "a move completed {:.1} s after the database came back",
+        back.elapsed().as_secs_f64()
+    );
+    // What the hub went through (its /metrics): drivers and scheduler rounds that failed
+    // against the missing database and were retried.
+    let metrics = http
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("drover_migration_driver_retries_total")
+            || l.starts_with("drover_scheduler_round_failures_total")
+    }) {
+        eprintln!("hub metrics after the outage: {line}");
+    }
+
+    // Then kill -9 the hub and start it again on the same store.
     hub.child.start_kill().unwrap();
     hub.child.wait().await.unwrap();
-    hub = HubProcess::start_with_args(hub_dir.path(), None, agent_port, &args).await;
+    hub = HubProcess::start_with_args(hub_dir.path(), Some(&url), agent_port, &args).await;
 
     let mut last = Value::Null;
     eventually(

@@ -217,7 +217,11 @@ async fn an_evacuation_is_admitted_under_every_limit_and_cancels_cleanly(b: Back
         max_in_flight: 20,
         ..SchedulerSettings::default()
     };
-    let a = Scheduler::new(h.hub.store.clone(), h.hub.migrations.clone(), settings);
+    let a = Scheduler::new(
+        h.hub.store.clone(),
+        h.hub.migrations.clone(),
+        settings.clone(),
+    );
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
     let replicas = (0..8).map(|_| {
         let (scheduler, start) = (a.clone(), start.clone());
@@ -398,16 +402,40 @@ async fn a_rebalance_moves_towards_the_band_and_holds_down(b: Backend) {
         .iter()
         .all(|m| m["sourceCluster"] == "hot" && m["targetCluster"] == "cold"));
     let start = r#"mutation { startRebalance(input: {maxMoves: 2, holdDownSeconds: 600}) { id kind counters { planned } } }"#;
-    let s = h.data(start, json!({})).await;
+    // Two requests at once: the hold-down check and the new rebalance are one step, so
+    // exactly one starts.
+    let (first, second) = futures::join!(h.gql(start, json!({})), h.gql(start, json!({})));
+    let (s, other) = if first["data"]["startRebalance"].is_object() {
+        (first, second)
+    } else {
+        (second, first)
+    };
     assert_eq!(
-        s["startRebalance"]["counters"]["planned"], 2,
+        s["data"]["startRebalance"]["counters"]["planned"], 2,
         "capped at maxMoves: {s}"
+    );
+    assert_eq!(
+        error_code(&other).as_deref(),
+        Some("CONFLICT"),
+        "only one of two racing rebalances starts: {other}"
     );
     let again = h.gql(start, json!({})).await;
     assert_eq!(
         error_code(&again).as_deref(),
         Some("CONFLICT"),
         "the hold-down time: {again}"
+    );
+    // A request cannot shorten the hub's minimum hold-down (an hour here).
+    let impatient = h
+        .gql(
+            r#"mutation { startRebalance(input: {maxMoves: 2, holdDownSeconds: 0}) { id } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        error_code(&impatient).as_deref(),
+        Some("CONFLICT"),
+        "holdDownSeconds: 0 does not bypass the hub's hold-down: {impatient}"
     );
     let bad = h
         .gql(

@@ -261,7 +261,7 @@ impl HubAdmin {
 #[async_trait]
 impl FleetAdmin for HubAdmin {
     async fn plan(&self, ask: PlanAsk) -> Result<PlanRecord, AdminError> {
-        let plan = evacuations::plan(&self.store, &plan_request(&ask), self.scheduler.settings())
+        let plan = evacuations::plan(&self.store, &plan_request(&ask), &self.scheduler.settings())
             .await
             .map_err(migrate_err)?;
         Ok(plan_record(plan))
@@ -273,21 +273,6 @@ impl FleetAdmin for HubAdmin {
         allow_partial: bool,
         actor: &str,
     ) -> Result<uuid::Uuid, AdminError> {
-        if let PlanAsk::Rebalance { hold_down, .. } = &ask {
-            let since = Utc::now() - chrono::Duration::from_std(*hold_down).unwrap_or_default();
-            let recent = evacuation::Entity::find()
-                .filter(evacuation::Column::Kind.eq("rebalance"))
-                .filter(evacuation::Column::CreatedAt.gt(since))
-                .count(&self.store.db)
-                .await
-                .map_err(|e| AdminError::Read(store_err(e.into())))?;
-            if recent > 0 {
-                return Err(AdminError::Conflict(format!(
-                    "a rebalance ran less than {} s ago (the hold-down time); wait, or pass a shorter holdDownSeconds",
-                    hold_down.as_secs()
-                )));
-            }
-        }
         let (action, target) = match &ask {
             PlanAsk::Evacuation { cluster } => ("startEvacuation", cluster.to_string()),
             PlanAsk::Rebalance { .. } => ("startRebalance", "fleet".to_owned()),
@@ -297,7 +282,7 @@ impl FleetAdmin for HubAdmin {
             &self.migrations,
             &plan_request(&ask),
             allow_partial,
-            self.scheduler.settings(),
+            &self.scheduler.settings(),
             actor,
         )
         .await

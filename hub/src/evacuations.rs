@@ -15,12 +15,13 @@ use drover_shared::migration::MigrationOptions;
 use drover_shared::{ClusterName, Namespace, VmName, VmRef};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admission::{AdmissionLimits, PairBandwidth};
+use crate::admission::AdmissionLimits;
 use crate::migrations::{MigrateError, Migrations, QueuedMigration};
 use crate::planner::{
     self, Fleet, FleetCluster, Plan, PlanKind, PlanOptions, RebalanceOptions, Reservation,
@@ -247,16 +248,13 @@ pub async fn load_fleet(store: &Store) -> Result<Fleet, StoreError> {
 }
 
 /// How the hub plans: its scheduler's limits, now.
-fn plan_options(settings: SchedulerSettings) -> PlanOptions {
+fn plan_options(settings: &SchedulerSettings) -> PlanOptions {
     let mut options = PlanOptions::new(Uuid::now_v7(), Utc::now());
     options.limits = AdmissionLimits {
         max_in_flight: settings.max_in_flight,
         max_attempts: settings.max_attempts.max(1) as u32,
         clusters: BTreeMap::new(),
-        pair_bandwidth: PairBandwidth {
-            default_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
-            pairs: Vec::new(),
-        },
+        pair_bandwidth: settings.pair_bandwidth(),
     };
     options
 }
@@ -291,7 +289,7 @@ pub async fn cordon(store: &Store, name: &str, maintenance: bool) -> Result<bool
 pub async fn plan(
     store: &Store,
     request: &PlanRequest,
-    settings: SchedulerSettings,
+    settings: &SchedulerSettings,
 ) -> Result<Plan, MigrateError> {
     let fleet = load_fleet(store).await?;
     let options = plan_options(settings);
@@ -307,18 +305,50 @@ pub async fn plan(
             planner::plan_evacuation(&fleet, &name, &options)
         }
         PlanRequest::Rebalance(goal) => {
-            let last = evacuation::Entity::find()
-                .filter(evacuation::Column::Kind.eq("rebalance"))
-                .order_by_desc(evacuation::Column::CreatedAt)
-                .one(&store.db)
-                .await?;
+            let last = last_rebalance_at(&store.db).await?;
             let goal = RebalanceOptions {
-                last_rebalance_at: last.map(|e| e.created_at),
+                last_rebalance_at: last,
+                hold_down_secs: hold_down_secs(goal, settings),
                 ..goal.clone()
             };
             planner::plan_rebalance(&fleet, &options, &goal)
         }
     })
+}
+
+/// A rebalance's hold-down: what it asks for, never less than the fleet's minimum.
+fn hold_down_secs(goal: &RebalanceOptions, settings: &SchedulerSettings) -> u64 {
+    goal.hold_down_secs.max(settings.rebalance_hold_down_secs)
+}
+
+/// When the latest rebalance was started.
+async fn last_rebalance_at(
+    db: &impl sea_orm::ConnectionTrait,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(evacuation::Entity::find()
+        .filter(evacuation::Column::Kind.eq("rebalance"))
+        .order_by_desc(evacuation::Column::CreatedAt)
+        .one(db)
+        .await?
+        .map(|e| e.created_at))
+}
+
+/// Serialises starting rebalances across hub replicas (PostgreSQL advisory lock, held to the
+/// end of the transaction) and within this process (SQLite), so that the hold-down check and
+/// the new rebalance's row are one step: two racing requests never both start.
+const REBALANCE_LOCK: i64 = 0x6472_6f76_6572_5242;
+
+async fn lock_rebalances(tx: &sea_orm::DatabaseTransaction) -> Result<(), StoreError> {
+    use sea_orm::ConnectionTrait as _;
+    if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
+        tx.execute(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [REBALANCE_LOCK.into()],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// The cluster a plan evacuates.
@@ -338,7 +368,7 @@ pub async fn start(
     migrations: &Migrations,
     request: &PlanRequest,
     allow_partial: bool,
-    settings: SchedulerSettings,
+    settings: &SchedulerSettings,
     actor: &str,
 ) -> Result<Uuid, MigrateError> {
     if let PlanRequest::Evacuation { cluster } = request {
@@ -382,6 +412,25 @@ pub async fn start(
     } else {
         "evacuation"
     };
+    // A rebalance checks its hold-down and records itself in one serialised transaction.
+    static SQLITE_REBALANCES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = match (&plan.kind, store.backend()) {
+        (PlanKind::Rebalance, sea_orm::DbBackend::Sqlite) => Some(SQLITE_REBALANCES.lock().await),
+        _ => None,
+    };
+    let tx = store.db.begin().await?;
+    if let PlanRequest::Rebalance(goal) = request {
+        lock_rebalances(&tx).await?;
+        let hold_down = hold_down_secs(goal, settings);
+        if let Some(last) = last_rebalance_at(&tx).await? {
+            let until = last + chrono::Duration::seconds(hold_down.min(i64::MAX as u64) as i64);
+            if now < until {
+                return Err(MigrateError::Conflict(format!(
+                    "a rebalance started at {last}; the hold-down time ({hold_down} s, the longer of the request's holdDownSeconds and the hub's --rebalance-hold-down-secs) lets the next start from {until}"
+                )));
+            }
+        }
+    }
     evacuation::ActiveModel {
         id: Set(id),
         kind: Set(kind.to_owned()),
@@ -397,8 +446,9 @@ pub async fn start(
         started_at: Set(Some(now)),
         finished_at: Set(None),
     }
-    .insert(&store.db)
+    .insert(&tx)
     .await?;
+    tx.commit().await?;
     let clusters: HashMap<String, Uuid> = cluster::Entity::find()
         .all(&store.db)
         .await?
@@ -506,7 +556,7 @@ fn retry_id(first: Uuid, attempt: i32) -> Uuid {
 pub async fn retry_failed(
     store: &Store,
     migrations: &Migrations,
-    settings: SchedulerSettings,
+    settings: &SchedulerSettings,
 ) -> Result<(), StoreError> {
     let running: Vec<Uuid> = evacuation::Entity::find()
         .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))

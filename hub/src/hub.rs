@@ -46,8 +46,10 @@ impl Hub {
         wait: Duration,
     ) -> Result<Self, StoreError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut backoff = Duration::from_millis(200);
+        let cap = Duration::from_secs(5);
+        let mut delays = crate::retry::delays(Duration::from_millis(200), cap);
         loop {
+            let backoff = crate::retry::next(&mut delays, cap);
             match Self::open(database_url, pki.clone()).await {
                 Ok(hub) => return Ok(hub),
                 Err(e @ (StoreError::Connect { .. } | StoreError::Unavailable(_)))
@@ -55,7 +57,6 @@ impl Hub {
                 {
                     tracing::warn!(error = %e, url = %redact(database_url), retry_in = ?backoff, "database not reachable yet");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }
@@ -145,13 +146,8 @@ impl Hub {
     /// Resumes in-flight migrations, then admits queued ones until `shutdown` resolves (the
     /// hub's background work; `serve` answers requests).
     pub async fn run_scheduler(&self, shutdown: impl std::future::Future<Output = ()>) {
-        match self.migrations.resume().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(n, "resumed in-flight migrations"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot resume in-flight migrations now; they resume at the next start")
-            }
-        }
+        // Every round resumes in-flight migrations without a driver first: a start whose
+        // database is away picks them up as soon as it is back.
         self.scheduler.clone().run(shutdown).await;
     }
 

@@ -15,6 +15,7 @@ pub mod pki;
 pub mod planner;
 pub mod policies;
 pub mod read;
+pub mod retry;
 pub mod scheduler;
 pub mod seed;
 pub mod server;

@@ -116,10 +116,48 @@ struct ServeArgs {
         global = true
     )]
     pair_bandwidth_bytes_per_sec: u64,
+    /// The budget of one (directed) cluster pair, over --pair-bandwidth:
+    /// SOURCE:TARGET=BYTES_PER_SEC (0: unlimited); repeat the flag or separate with commas.
+    #[arg(
+        long = "pair-bandwidth-for",
+        env = "DROVER_PAIR_BANDWIDTH_FOR",
+        value_delimiter = ',',
+        value_parser = parse_pair_budget,
+        global = true
+    )]
+    pair_budgets: Vec<drover_hub::admission::PairBudget>,
     /// How many times an evacuation tries to move one VM (a retry only when the source still
     /// runs and the target was cleaned up).
     #[arg(long, env = "DROVER_MIGRATION_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20), global = true)]
     migration_attempts: u64,
+    /// No rebalance starts within this many seconds of the previous one; a request's
+    /// holdDownSeconds may only make it longer.
+    #[arg(long, env = "DROVER_REBALANCE_HOLD_DOWN_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=30 * 86_400), global = true)]
+    rebalance_hold_down_secs: u64,
+}
+
+/// `east-1:west-1=268435456`: the budget of migrations from east-1 to west-1.
+fn parse_pair_budget(text: &str) -> Result<drover_hub::admission::PairBudget, String> {
+    let usage = "expected SOURCE:TARGET=BYTES_PER_SEC, e.g. east-1:west-1=268435456";
+    let (pair, bytes) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: {usage}"))?;
+    let (source, target) = pair
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: {usage}"))?;
+    let name = |n: &str| {
+        drover_shared::ClusterName::new(n.trim().to_owned())
+            .map(|c| c.to_string())
+            .map_err(|e| format!("{text:?}: {e}"))
+    };
+    let bytes_per_sec = bytes.trim().parse::<u64>().map_err(|e| {
+        format!("{text:?}: the budget {bytes:?} is not a number of bytes per second ({e}); {usage}")
+    })?;
+    Ok(drover_hub::admission::PairBudget {
+        source: name(source)?,
+        target: name(target)?,
+        bytes_per_sec,
+    })
 }
 
 impl ServeArgs {
@@ -127,7 +165,9 @@ impl ServeArgs {
         drover_hub::scheduler::SchedulerSettings {
             max_in_flight: self.max_migrations_in_flight as usize,
             pair_bandwidth_bytes_per_sec: self.pair_bandwidth_bytes_per_sec,
+            pair_budgets: self.pair_budgets.clone(),
             max_attempts: self.migration_attempts as i32,
+            rebalance_hold_down_secs: self.rebalance_hold_down_secs,
         }
     }
 
@@ -192,6 +232,9 @@ impl DatabaseArgs {
             .context("cannot open the inventory store")
     }
 }
+
+/// How long SIGTERM or Ctrl-C waits for open work to end before the hub exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -270,11 +313,28 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let api = hub.serve(listener, stopped(stop_rx.clone()));
             let agent_api = hub.serve_agents(agents, stopped(stop_rx.clone()));
             let background = hub.run_scheduler(stopped(stop_rx));
-            let signal = async move {
-                shutdown_signal().await;
-                let _ = stop_tx.send(true);
+            let work = async { tokio::join!(api, agent_api, background) };
+            tokio::pin!(work);
+            let (api, agent_api, ()) = tokio::select! {
+                ended = &mut work => ended,
+                () = shutdown_signal() => {
+                    // Drain within a bound: open subscriptions and agent sessions end, the
+                    // drivers stop at their next step (the rows say where each was; the next
+                    // start resumes them), then the process exits whatever is still open.
+                    tracing::info!(grace = ?SHUTDOWN_GRACE, "stopping");
+                    let _ = stop_tx.send(true);
+                    if !hub.migrations.stop_drivers(SHUTDOWN_GRACE).await {
+                        tracing::warn!("some migration drivers did not stop in time");
+                    }
+                    match tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await {
+                        Ok(ended) => ended,
+                        Err(_) => {
+                            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting");
+                            return Ok(());
+                        }
+                    }
+                }
             };
-            let (api, agent_api, (), ()) = tokio::join!(api, agent_api, signal, background);
             api?;
             agent_api?;
         }
@@ -308,4 +368,31 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pair_budget_reads_source_target_and_bytes_or_says_what_is_wrong() {
+        let budget = parse_pair_budget("east-1:west-1=268435456").unwrap();
+        assert_eq!(
+            (
+                budget.source.as_str(),
+                budget.target.as_str(),
+                budget.bytes_per_sec
+            ),
+            ("east-1", "west-1", 268_435_456)
+        );
+        for (bad, says) in [
+            ("east-1=5", "SOURCE:TARGET=BYTES_PER_SEC"),
+            ("east-1:west-1", "SOURCE:TARGET=BYTES_PER_SEC"),
+            ("east-1:west-1=fast", "not a number"),
+            ("East_1:west-1=5", "East_1"),
+        ] {
+            let err = parse_pair_budget(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 }

@@ -112,6 +112,11 @@ pub struct Migrations {
     store: Store,
     commands: CommandStore,
     sessions: Sessions,
+    /// The migrations this process drives (one driver each).
+    driving: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Uuid>>>,
+    /// Owns every driver task; `stop_drivers` ends them and waits for them.
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
     /// Wakes the scheduler: something was queued or ended.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Phase changes for `migrationEvents`.
@@ -157,9 +162,27 @@ impl Migrations {
             store,
             commands,
             sessions,
+            driving: std::sync::Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stop: tokio_util::sync::CancellationToken::new(),
             wake: std::sync::Arc::default(),
             events,
         }
+    }
+
+    /// Ends every driver (each at its next await; the rows say where it was, so the next hub
+    /// takes over) and waits up to `within` for them. True when all ended in time.
+    pub async fn stop_drivers(&self, within: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// How many migrations this process drives now.
+    pub fn drivers(&self) -> usize {
+        self.driving.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Tells `migrationEvents` subscribers.
@@ -450,7 +473,8 @@ impl Migrations {
         Ok(id)
     }
 
-    /// Picks every in-flight migration up again (after a hub restart).
+    /// Drives every in-flight migration that has no driver in this process (after a hub
+    /// restart, or a start whose database was away); returns how many it picked up.
     pub async fn resume(&self) -> Result<usize, StoreError> {
         let rows = migration::Entity::find()
             .filter(
@@ -459,11 +483,14 @@ impl Migrations {
             )
             .all(&self.store.db)
             .await?;
+        let mut resumed = 0;
         for row in &rows {
-            tracing::info!(migration = %row.id, phase = %row.phase, "resuming an in-flight migration");
-            self.spawn(row.id);
+            if self.spawn(row.id) {
+                tracing::info!(migration = %row.id, phase = %row.phase, "resuming an in-flight migration");
+                resumed += 1;
+            }
         }
-        Ok(rows.len())
+        Ok(resumed)
     }
 
     /// Drives a migration the scheduler just admitted.
@@ -480,14 +507,58 @@ impl Migrations {
             .is_some_and(|c| c.state == CommandState::Succeeded))
     }
 
-    /// The driver task is owned by the migration: it ends when the migration does.
-    fn spawn(&self, id: Uuid) {
+    /// Starts the migration's driver unless this process drives it already. The task is owned
+    /// by `tasks` and ends when the migration does, or when the hub stops.
+    fn spawn(&self, id: Uuid) -> bool {
+        if self.stop.is_cancelled()
+            || !self
+                .driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id)
+        {
+            return false;
+        }
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.drive(id).await {
-                tracing::error!(migration = %id, error = %e, "migration driver stopped; it resumes when the hub restarts");
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = this.drive_until_settled(id) => {}
+                () = this.stop.cancelled() => {
+                    tracing::info!(migration = %id, "driver stopped with the hub; the next start resumes it from its row");
+                }
             }
+            this.driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         });
+        true
+    }
+
+    /// Drives the migration to its end, through database outages: a failed step is retried
+    /// from the stored row (every step is idempotent) with growing delays, so the migration
+    /// never keeps its scheduler slots without a driver. Only a row that disappeared or a
+    /// stored value the hub cannot read ends the driver early.
+    async fn drive_until_settled(&self, id: Uuid) {
+        let cap = Duration::from_secs(10);
+        let mut delays = crate::retry::driver_delays();
+        loop {
+            match self.drive(id).await {
+                Ok(()) => return,
+                Err(StoreError::Database(
+                    e @ (sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::Custom(_)),
+                )) => {
+                    tracing::error!(migration = %id, error = %e, "migration driver gave up: its row is gone or unreadable");
+                    return;
+                }
+                Err(e) => {
+                    let wait = crate::retry::next(&mut delays, cap);
+                    metrics::counter!("drover_migration_driver_retries_total").increment(1);
+                    tracing::warn!(migration = %id, error = %e, retry_in = ?wait, "migration driver: a step failed; retrying from the stored row");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 
     async fn row(&self, id: Uuid) -> Result<migration::Model, StoreError> {

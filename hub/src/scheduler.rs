@@ -31,14 +31,30 @@ const TICK: Duration = Duration::from_secs(1);
 const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
 
 /// Fleet-wide settings of the scheduler (hub flags).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SchedulerSettings {
     /// Migrations in flight in the whole fleet at most.
     pub max_in_flight: usize,
-    /// Bytes per second one cluster pair may carry (0: unlimited).
+    /// Bytes per second one cluster pair may carry (0: unlimited), for pairs not in
+    /// `pair_budgets`.
     pub pair_bandwidth_bytes_per_sec: u64,
+    /// Budgets of named (directed) cluster pairs, over the default.
+    pub pair_budgets: Vec<admission::PairBudget>,
     /// How many times an evacuation's migration of one VM may be attempted.
     pub max_attempts: i32,
+    /// No rebalance starts within this many seconds of the previous one, whatever a request
+    /// asks for (a request may only ask for longer).
+    pub rebalance_hold_down_secs: u64,
+}
+
+impl SchedulerSettings {
+    /// The bandwidth budgets of cluster pairs: the named ones, and the default for the rest.
+    pub fn pair_bandwidth(&self) -> PairBandwidth {
+        PairBandwidth {
+            default_bytes_per_sec: self.pair_bandwidth_bytes_per_sec,
+            pairs: self.pair_budgets.clone(),
+        }
+    }
 }
 
 impl Default for SchedulerSettings {
@@ -46,7 +62,9 @@ impl Default for SchedulerSettings {
         Self {
             max_in_flight: 20,
             pair_bandwidth_bytes_per_sec: 0,
+            pair_budgets: Vec::new(),
             max_attempts: 3,
+            rebalance_hold_down_secs: 3600,
         }
     }
 }
@@ -68,7 +86,10 @@ impl Scheduler {
     }
 
     pub fn settings(&self) -> SchedulerSettings {
-        *self.settings.read().unwrap_or_else(|p| p.into_inner())
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Changes the limits (the hub's flags) for every holder of this scheduler.
@@ -80,19 +101,25 @@ impl Scheduler {
     /// and every tick.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let mut backoff = TICK;
+        let cap = Duration::from_secs(5);
+        let mut delays = crate::retry::delays(TICK, cap);
         loop {
-            match self.round().await {
-                Ok(()) => backoff = TICK,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "scheduling round failed");
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+            let wait = match self.round().await {
+                Ok(()) => {
+                    delays = crate::retry::delays(TICK, cap);
+                    TICK
                 }
-            }
+                Err(e) => {
+                    let wait = crate::retry::next(&mut delays, cap);
+                    metrics::counter!("drover_scheduler_round_failures_total").increment(1);
+                    tracing::warn!(error = %e, retry_in = ?wait, "scheduling round failed");
+                    wait
+                }
+            };
             tokio::select! {
                 _ = &mut stop => return,
                 _ = self.migrations.wake.notified() => {}
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -100,7 +127,13 @@ impl Scheduler {
     /// One round: retries what may be retried, admits what fits, ends finished evacuations.
     pub async fn round(&self) -> Result<(), StoreError> {
         let settings = self.settings();
-        crate::evacuations::retry_failed(&self.store, &self.migrations, settings).await?;
+        // Every in-flight migration has a driver here (one whose start found the database
+        // away, or whose hub restarted, is picked up again).
+        let resumed = self.migrations.resume().await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "drivers resumed");
+        }
+        crate::evacuations::retry_failed(&self.store, &self.migrations, &settings).await?;
         let admitted = self.admit().await?;
         for id in admitted {
             self.migrations.drive_admitted(id);
@@ -157,10 +190,7 @@ impl Scheduler {
                 .iter()
                 .map(|(name, c)| (name.clone(), ClusterSlots::from(c)))
                 .collect(),
-            pair_bandwidth: PairBandwidth {
-                default_bytes_per_sec: settings.pair_bandwidth_bytes_per_sec,
-                pairs: Vec::new(),
-            },
+            pair_bandwidth: settings.pair_bandwidth(),
         };
         let in_flight: Vec<MigrationRequest> = running.iter().map(request_of).collect();
         let candidates: Vec<MigrationRequest> = queued.iter().map(request_of).collect();
@@ -238,5 +268,27 @@ fn request_of(row: &migration::Model) -> MigrationRequest {
         bytes: row.planned_bytes.max(0) as u64,
         bandwidth_bytes_per_sec: row.bandwidth_bytes_per_sec.max(0) as u64,
         attempt: row.attempt.max(1) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_pair_has_its_own_budget_and_the_rest_the_default() {
+        let settings = SchedulerSettings {
+            pair_bandwidth_bytes_per_sec: 1000,
+            pair_budgets: vec![admission::PairBudget {
+                source: "east-1".into(),
+                target: "west-1".into(),
+                bytes_per_sec: 250,
+            }],
+            ..SchedulerSettings::default()
+        };
+        let pairs = settings.pair_bandwidth();
+        assert_eq!(pairs.budget("east-1", "west-1"), 250);
+        assert_eq!(pairs.budget("west-1", "east-1"), 1000, "pairs are directed");
+        assert_eq!(pairs.budget("east-1", "north-1"), 1000);
     }
 }
