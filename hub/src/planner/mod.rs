@@ -998,4 +998,41 @@ mod tests {
         // 32 of 40 GiB on hot (80 %), cold empty; mean 40 %: four 4 GiB moves balance it.
         assert_eq!(plan.moves.len(), 4, "{plan:#?}");
     }
+    #[test]
+    fn required_anti_affinity_splits_an_affinity_group_whose_members_must_run_apart() {
+        // Two VMs kept together by affinity group "db" and apart by anti-affinity group
+        // "replicas", one target (a proptest case found both planned onto it).
+        let mut a = cluster("a", &[(16, 2)]);
+        a.vms = ["r1", "r2"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let v = labelled(
+                    vm(n, 1, &format!("02:00:00:00:05:0{i}")),
+                    AFFINITY_LABEL,
+                    "db",
+                );
+                labelled(v, ANTI_AFFINITY_LABEL, "replicas")
+            })
+            .collect();
+        let f = fleet(vec![a, cluster("b", &[(28, 0)])]);
+        let mut strict = options();
+        strict.anti_affinity = Enforcement::Required;
+        let plan = plan_evacuation(&f, &name("a"), &strict);
+        assert_eq!(plan.moves.len(), 1, "{plan:#?}");
+        assert_eq!(plan.cannot_move.len(), 1, "{plan:#?}");
+        assert!(plan.moves[0]
+            .warnings
+            .iter()
+            .any(|w| w.contains("is split")));
+
+        strict.affinity = Enforcement::Required;
+        let plan = plan_evacuation(&f, &name("a"), &strict);
+        assert!(plan.moves.is_empty(), "{plan:#?}");
+        assert!(
+            why(&plan, "r1").contains("both rules are required"),
+            "{}",
+            why(&plan, "r1")
+        );
+    }
 }

@@ -1192,6 +1192,17 @@ impl<'a> Engine<'a> {
         let together = self.group_clusters(GroupRule::Together, Some(group), source);
         let total: u64 = members.iter().map(|&m| self.movers[m].memory).sum();
         let required_apart = self.options.anti_affinity == Enforcement::Required;
+        // Members that share an anti-affinity group cannot all run on one cluster: required
+        // anti-affinity then splits the group (or, with required affinity, keeps it home).
+        let mut seen = HashSet::new();
+        let clash = members
+            .iter()
+            .filter_map(|&m| self.movers[m].anti_affinity)
+            .find(|g| !seen.insert(*g));
+        if let (Some(apart_group), true) = (clash, required_apart) {
+            self.place_group_apart(group, apart_group, members, total);
+            return;
+        }
         let required_together =
             self.options.affinity == Enforcement::Required && !together.is_empty();
         let mut order: Vec<(TargetRank, usize)> = candidates
@@ -1235,6 +1246,12 @@ impl<'a> Engine<'a> {
             }
             for (&m, node) in members.iter().zip(nodes) {
                 let mut warnings = Vec::new();
+                if let Some(apart_group) = clash {
+                    warnings.push(format!(
+                        "members of its anti-affinity group {apart_group} run together on {}: its affinity group {group} keeps them together",
+                        self.fleet.clusters[t].name
+                    ));
+                }
                 if apart.contains(&t) {
                     warnings.push(format!(
                         "{} already runs a VM of an anti-affinity group of its affinity group {group}",
@@ -1282,6 +1299,42 @@ impl<'a> Engine<'a> {
                         if last.mover == m {
                             last.warnings.push(format!(
                                 "its affinity group {group} fits on no single target cluster and is split"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An affinity group whose members share the anti-affinity group `apart_group`, under
+    /// required anti-affinity: with required affinity nothing of it moves (both rules cannot
+    /// hold); with preferred affinity it is split member by member, each kept apart.
+    fn place_group_apart(&mut self, group: &str, apart_group: &str, members: &[usize], total: u64) {
+        match self.options.affinity {
+            Enforcement::Required => {
+                for &m in members {
+                    let mut reasons = self.explain(m, None);
+                    reasons.push(Blocker {
+                        kind: BlockerKind::AffinityGroup,
+                        message: format!(
+                            "its affinity group {group} ({} VMs, {}) has several members of the anti-affinity group {apart_group}: both rules are required and cannot hold on one cluster",
+                            members.len(),
+                            gib(total)
+                        ),
+                        remedy: BlockerKind::AffinityGroup.remedy(),
+                        clusters: Vec::new(),
+                    });
+                    self.refuse(m, reasons);
+                }
+            }
+            Enforcement::Preferred => {
+                for &m in members {
+                    self.place_one(m);
+                    if let Some(last) = self.placed.last_mut() {
+                        if last.mover == m {
+                            last.warnings.push(format!(
+                                "its affinity group {group} is split: members of its anti-affinity group {apart_group} must run apart"
                             ));
                         }
                     }
