@@ -22,6 +22,74 @@ on_both_backends!(
     migration_events_follow_an_evacuation,
 );
 
+/// Two hub replicas admitting at once: the second waits for the first's admission transaction
+/// (PostgreSQL advisory lock) and sees what it admitted. Without the lock, the second would read
+/// the queue while the first's admissions are uncommitted and fill the same slots again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_admits_only_after_another_replicas_admission_commits() {
+    use drover_hub::scheduler::ADMISSION_LOCK;
+    use sea_orm::{ConnectionTrait, DbBackend, QueryOrder, Statement, TransactionTrait};
+
+    let h = TestHub::new(Backend::Postgres, "admission_lock")
+        .await
+        .unwrap();
+    cluster(&h, "east", 1, 10, 1, 64, 3).await;
+    cluster(&h, "west", 2, 0, 1, 64, 10).await;
+    cluster(&h, "north", 3, 0, 1, 64, 10).await;
+    h.data(
+        r#"mutation { startEvacuation(input: {cluster: "east"}) { id } }"#,
+        json!({}),
+    )
+    .await;
+    // "Replica A": inside its admission transaction, holding the lock, it admits the last
+    // three of the queue (east's three slots); "replica B" then runs its admission.
+    let a = h.hub.store.db.begin().await.unwrap();
+    a.execute(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [ADMISSION_LOCK.into()],
+    ))
+    .await
+    .unwrap();
+    let last_three: Vec<uuid::Uuid> = migration::Entity::find()
+        .order_by_desc(migration::Column::QueuePosition)
+        .all(&a)
+        .await
+        .unwrap()
+        .into_iter()
+        .take(3)
+        .map(|m| m.id)
+        .collect();
+    migration::Entity::update_many()
+        .col_expr(migration::Column::Phase, "Scheduled".into())
+        .filter(migration::Column::Id.is_in(last_three.clone()))
+        .exec(&a)
+        .await
+        .unwrap();
+    let b = Scheduler::new(
+        h.hub.store.clone(),
+        h.hub.migrations.clone(),
+        SchedulerSettings::default(),
+    );
+    let b = tokio::spawn(async move { b.admit().await.unwrap() });
+    // B must wait for A whatever the machine's speed; give it time to go wrong if it did not.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        !b.is_finished(),
+        "replica B admitted while replica A held the admission lock"
+    );
+    a.commit().await.unwrap();
+    let admitted_by_b = tokio::time::timeout(std::time::Duration::from_secs(60), b)
+        .await
+        .expect("B admits once A committed")
+        .unwrap();
+    assert!(
+        admitted_by_b.is_empty(),
+        "east's three slots are taken by A: B admits nothing, not {admitted_by_b:?}"
+    );
+    assert_within_limits(&migrations_of(&h).await, 3, 20);
+}
+
 /// A cluster with `vms` VMs of `vm_gib` on one node of `node_gib`, `parallel` migrations at a
 /// time, reporting a sync endpoint.
 async fn cluster(

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod agent_endpoint;
 pub mod commands;
 pub mod evacuations;
+pub mod fleet_view;
 pub mod hub;
 pub mod identity;
 pub mod ingest;

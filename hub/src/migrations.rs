@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use drover_shared::commands::AgentCommand;
-use drover_shared::inventory::{ClusterHealth, MigrationConfig, MigrationPhase, VmPhase};
+use drover_shared::inventory::{MigrationConfig, MigrationPhase};
 use drover_shared::migration::{MigrationOptions, MigrationStatus};
-use drover_shared::{ClusterName, MigrationId};
+use drover_shared::{ClusterName, MigrationId, Namespace, VmName, VmRef};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
 use uuid::Uuid;
@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 use crate::commands::{CommandState, CommandStore, StoredCommand};
 use crate::migration_trace;
 use crate::sessions::Sessions;
-use crate::store::entities::{cluster, migration, node, vm, vm_label};
+use crate::store::entities::{cluster, migration, vm};
 use crate::store::{Store, StoreError};
 
 /// Phases before the target is asked for anything.
@@ -93,20 +93,6 @@ pub struct QueuedMigration {
     pub attempt: i32,
 }
 
-/// The labels of a VM as stored.
-async fn vm_labels(
-    db: &sea_orm::DatabaseConnection,
-    vm: &vm::Model,
-) -> Result<BTreeMap<String, String>, StoreError> {
-    Ok(vm_label::Entity::find()
-        .filter(vm_label::Column::VmId.eq(vm.id))
-        .all(db)
-        .await?
-        .into_iter()
-        .map(|l| (l.key, l.value))
-        .collect())
-}
-
 #[derive(Clone)]
 pub struct Migrations {
     store: Store,
@@ -145,10 +131,6 @@ pub fn event_of(
         failure_reason: failure.map(str::to_owned),
         at: Utc::now(),
     }
-}
-
-fn major_minor(version: &str) -> String {
-    version.split('.').take(2).collect::<Vec<_>>().join(".")
 }
 
 impl Migrations {
@@ -235,152 +217,32 @@ impl Migrations {
             )));
         }
 
-        let mut problems = Vec::new();
         if source.id == target.id {
-            problems.push("source and target are the same cluster".to_owned());
+            return Err(MigrateError::Preflight(vec![format!(
+                "{} is both the source and the target: name another cluster as the target",
+                source.name
+            )]));
         }
-        if target.health != ClusterHealth::Ready.as_str() {
-            problems.push(format!(
-                "target cluster {} is {}, not Ready",
-                target.name, target.health
+        // The planner's rules, exactly as an evacuation applies them: one rulebook.
+        let fleet = crate::fleet_view::load_fleet(&self.store).await?;
+        let vm_ref = VmRef {
+            cluster: req.cluster.clone(),
+            namespace: Namespace::new(vm.namespace.clone())
+                .map_err(|e| MigrateError::NotFound(e.to_string()))?,
+            name: VmName::new(vm.name.clone())
+                .map_err(|e| MigrateError::NotFound(e.to_string()))?,
+        };
+        let mut options = crate::planner::PlanOptions::new(MigrationId::new().0, Utc::now());
+        options.target_namespace = Some(req.target_namespace.clone());
+        let plan = crate::planner::plan_move(&fleet, &vm_ref, Some(&req.target_cluster), &options);
+        if let Some(refused) = plan.cannot_move.first() {
+            return Err(MigrateError::Preflight(
+                refused.reasons.iter().map(ToString::to_string).collect(),
             ));
         }
-        if source.health != ClusterHealth::Ready.as_str() {
-            problems.push(format!(
-                "source cluster {} is {}, not Ready",
-                source.name, source.health
-            ));
-        }
-        if target.maintenance {
-            problems.push(format!(
-                "target cluster {} is in maintenance (cordoned)",
-                target.name
-            ));
-        }
-        if source.runtime != target.runtime {
-            problems.push(format!(
-                "source runs {} and target {}: both sides must use the same runtime",
-                source.runtime, target.runtime
-            ));
-        }
-        if major_minor(&source.virtualization_version)
-            != major_minor(&target.virtualization_version)
-        {
-            problems.push(format!(
-                "virtualization versions differ: source {} vs target {} (minor versions must match)",
-                source.virtualization_version, target.virtualization_version
-            ));
-        }
-        let target_models: Vec<String> =
-            serde_json::from_value(target.cpu_models.clone()).unwrap_or_default();
-        let source_models: Vec<String> =
-            serde_json::from_value(source.cpu_models.clone()).unwrap_or_default();
-        if let Some(model) = source_models.first() {
-            if !target_models.contains(model) {
-                problems.push(format!(
-                    "CPU model {model} is not offered by {} (it offers {target_models:?})",
-                    target.name
-                ));
-            }
-        }
-        let gates: Vec<String> =
-            serde_json::from_value(target.feature_gates.clone()).unwrap_or_default();
-        if !gates
-            .iter()
-            .any(|g| g.eq_ignore_ascii_case(crate::planner::LIVE_MIGRATION_GATE))
-        {
-            problems.push(format!(
-                "target cluster {} does not enable decentralizedLiveMigration",
-                target.name
-            ));
-        }
-        if target.sync_endpoint.as_deref().unwrap_or("").is_empty() {
-            problems.push(format!(
-                "target cluster {} reports no sync endpoint for migrations",
-                target.name
-            ));
-        }
-        if !vm.migratable {
-            let reasons: Vec<String> =
-                serde_json::from_value(vm.non_migratable_reasons.clone()).unwrap_or_default();
-            problems.push(format!("the VM is not migratable: {}", reasons.join(", ")));
-        }
-        if vm.phase != VmPhase::Running.as_str() {
-            problems.push(format!("the VM is {}, not Running", vm.phase));
-        }
-        let taken = vm::Entity::find()
-            .filter(vm::Column::ClusterId.eq(target.id))
-            .filter(vm::Column::Namespace.eq(&req.target_namespace))
-            .filter(vm::Column::Name.eq(&req.name))
-            .count(db)
-            .await?;
-        if taken > 0 {
-            problems.push(format!(
-                "a virtual machine {}/{} already exists on {}",
-                req.target_namespace, req.name, target.name
-            ));
-        }
-        // Capacity: free memory on the target's schedulable nodes.
-        let nodes = node::Entity::find()
-            .filter(node::Column::ClusterId.eq(target.id))
-            .filter(node::Column::Schedulable.eq(true))
-            .all(db)
-            .await?;
-        let fits = nodes
-            .iter()
-            .any(|n| n.allocatable_memory_bytes - n.requested_memory_bytes >= vm.memory_bytes);
-        if !fits {
-            problems.push(format!(
-                "no schedulable node of {} has {} bytes of memory free",
-                target.name, vm.memory_bytes
-            ));
-        }
-        // MAC addresses must not be in use on the target.
-        let macs: Vec<String> = vm
-            .interfaces
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|i| i["mac"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !macs.is_empty() {
-            let target_vms = vm::Entity::find()
-                .filter(vm::Column::ClusterId.eq(target.id))
-                .all(db)
-                .await?;
-            for other in &target_vms {
-                for iface in other.interfaces.as_array().into_iter().flatten() {
-                    if let Some(mac) = iface["mac"].as_str() {
-                        if macs.iter().any(|m| m == mac) {
-                            problems.push(format!(
-                                "MAC address {mac} is in use on {} by {}/{}",
-                                target.name, other.namespace, other.name
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        if !problems.is_empty() {
-            return Err(MigrateError::Preflight(problems));
-        }
-
-        let disks: i64 = vm
-            .disks
-            .as_array()
-            .map(|d| d.iter().filter_map(|d| d["sizeBytes"].as_i64()).sum())
-            .unwrap_or(0);
-        let config: MigrationConfig =
-            serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
-        let policies = crate::policies::load(&self.store).await?;
-        let options = crate::policies::options_for(
-            &vm_labels(db, &vm).await?,
-            &crate::policies::namespace_labels(&vm.namespace),
-            &policies,
-            &config,
-        );
+        let Some(planned) = plan.moves.first() else {
+            return Err(MigrateError::Preflight(plan.notes.clone()));
+        };
         let id = self
             .enqueue(
                 QueuedMigration {
@@ -390,9 +252,9 @@ impl Migrations {
                     source_cluster: (source.id, source.name.clone()),
                     target_cluster: (target.id, target.name.clone()),
                     target_namespace: req.target_namespace.clone(),
-                    source_node: vm.node_name.clone().unwrap_or_default(),
-                    planned_bytes: vm.memory_bytes + disks,
-                    options,
+                    source_node: planned.source_node.clone(),
+                    planned_bytes: planned.bytes.min(i64::MAX as u64) as i64,
+                    options: planned.options,
                     evacuation_id: None,
                     queue_position: 0,
                     attempt: 1,

@@ -28,7 +28,7 @@ use crate::store::{Store, StoreError};
 /// How often the scheduler looks even when nothing woke it (timeouts, other replicas' work).
 const TICK: Duration = Duration::from_secs(1);
 /// The advisory lock key that serialises admission across hub replicas ("drover-admit").
-const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
+pub const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
 
 /// Fleet-wide settings of the scheduler (hub flags).
 #[derive(Debug, Clone)]

@@ -139,6 +139,9 @@ pub struct PlanOptions {
     pub network_map: BTreeMap<String, String>,
     /// Only these clusters may receive VMs (None: any).
     pub target_clusters: Option<BTreeSet<ClusterName>>,
+    /// The namespace the VMs get on their target (None: each keeps its own; a single move may
+    /// name another).
+    pub target_namespace: Option<String>,
     /// Fleet cap, attempts and pair budgets; per-cluster slots not named here come from each
     /// cluster's migration configuration.
     pub limits: AdmissionLimits,
@@ -156,6 +159,7 @@ impl PlanOptions {
             storage_class_map: BTreeMap::new(),
             network_map: BTreeMap::new(),
             target_clusters: None,
+            target_namespace: None,
             limits: AdmissionLimits::default(),
             durations: DurationModel::default(),
         }

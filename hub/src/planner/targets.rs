@@ -457,10 +457,12 @@ impl<'a> Engine<'a> {
         let mut watched_macs: FastSet<u64> = FastSet::default();
         let mut watched_names: FastSet<(&str, &str)> = FastSet::default();
         let mut watched_groups: FastSet<(GroupRule, &str)> = FastSet::default();
+        let options = self.options;
         for &(c, v) in movers {
             let vm = &fleet.clusters[c].vms[v];
             watched_macs.extend(vm.interfaces.iter().filter_map(|i| mac_key(&i.mac)));
-            watched_names.insert((vm.namespace.as_str(), vm.name.as_str()));
+            let namespace = options.target_namespace.as_deref().unwrap_or(&vm.namespace);
+            watched_names.insert((namespace, vm.name.as_str()));
             if let Some(g) = vm.labels.get(AFFINITY_LABEL) {
                 watched_groups.insert((GroupRule::Together, g.as_str()));
             }
@@ -856,7 +858,7 @@ impl<'a> Engine<'a> {
             .collect();
         if let Some(holders) = self
             .names
-            .get(&(m.vm.namespace.as_str(), m.vm.name.as_str()))
+            .get(&(self.target_namespace(m.vm), m.vm.name.as_str()))
         {
             taken.extend(holders.iter().map(|&(t, _)| t));
         }
@@ -973,8 +975,9 @@ impl<'a> Engine<'a> {
                 .or_default()
                 .push((t, Holder::Planned(c, v)));
         }
+        let namespace = self.target_namespace(mover.vm);
         self.names
-            .entry((mover.vm.namespace.as_str(), mover.vm.name.as_str()))
+            .entry((namespace, mover.vm.name.as_str()))
             .or_default()
             .push((t, Holder::Planned(c, v)));
         for (rule, group) in [
@@ -1048,7 +1051,7 @@ impl<'a> Engine<'a> {
             }
             for &(at, holder) in self
                 .names
-                .get(&(mover.vm.namespace.as_str(), mover.vm.name.as_str()))
+                .get(&(self.target_namespace(mover.vm), mover.vm.name.as_str()))
                 .into_iter()
                 .flatten()
             {
@@ -1135,6 +1138,14 @@ impl<'a> Engine<'a> {
                 )
             }
         }
+    }
+
+    /// The namespace `vm` gets on its target.
+    fn target_namespace(&self, vm: &'a VmInfo) -> &'a str {
+        self.options
+            .target_namespace
+            .as_deref()
+            .unwrap_or(vm.namespace.as_str())
     }
 
     pub(crate) fn refuse(&mut self, m: usize, reasons: Vec<Blocker>) {
@@ -1406,7 +1417,10 @@ impl<'a> Engine<'a> {
                 source_node: mover.vm.node.clone().unwrap_or_default(),
                 target_cluster: fleet.clusters[placed.target].name.clone(),
                 target_node: placed.node_name,
-                target_namespace: mover.vm.namespace.clone(),
+                target_namespace: options
+                    .target_namespace
+                    .clone()
+                    .unwrap_or_else(|| mover.vm.namespace.clone()),
                 memory_bytes: mover.memory,
                 disk_bytes: mover.disks,
                 bytes: mover.memory.saturating_add(mover.disks),
