@@ -111,6 +111,17 @@ impl HubProcess {
             .ok_or_else(|| anyhow::anyhow!("createJoinToken failed: {resp}"))
     }
 
+    /// The hub's Prometheus exposition (`/metrics`).
+    pub async fn metrics(&self, http: &reqwest::Client) -> String {
+        http.get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -300,14 +300,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     );
     // What the hub went through (its /metrics): drivers and scheduler rounds that failed
     // against the missing database and were retried.
-    let metrics = http
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics(&http).await;
     for line in metrics.lines().filter(|l| {
         l.starts_with("drover_migration_driver_retries_total")
             || l.starts_with("drover_scheduler_round_failures_total")

@@ -86,14 +86,7 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
         "{body}"
     );
 
-    let metrics = http
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics(&http).await;
     for name in [
         "drover_graphql_requests_total",
         "drover_graphql_request_seconds",

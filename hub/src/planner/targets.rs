@@ -1286,53 +1286,44 @@ impl<'a> Engine<'a> {
             }
             return;
         }
-        match self.options.affinity {
-            Enforcement::Required => {
-                for &m in members {
-                    let mut reasons = self.explain(m, None);
-                    reasons.push(Blocker {
-                        kind: BlockerKind::AffinityGroup,
-                        message: format!(
-                            "its affinity group {group} ({} VMs, {}) fits on no single target cluster",
-                            members.len(),
-                            gib(total)
-                        ),
-                        remedy: BlockerKind::AffinityGroup.remedy(),
-                        clusters: Vec::new(),
-                    });
-                    self.refuse(m, reasons);
-                }
-            }
-            Enforcement::Preferred => {
-                for &m in members {
-                    self.place_one(m);
-                    if let Some(last) = self.placed.last_mut() {
-                        if last.mover == m {
-                            last.warnings.push(format!(
-                                "its affinity group {group} fits on no single target cluster and is split"
-                            ));
-                        }
-                    }
-                }
-            }
-        }
+        self.group_not_together(
+            members,
+            format!(
+                "its affinity group {group} ({} VMs, {}) fits on no single target cluster",
+                members.len(),
+                gib(total)
+            ),
+            format!("its affinity group {group} fits on no single target cluster and is split"),
+        );
     }
 
     /// An affinity group whose members share the anti-affinity group `apart_group`, under
-    /// required anti-affinity: with required affinity nothing of it moves (both rules cannot
-    /// hold); with preferred affinity it is split member by member, each kept apart.
+    /// required anti-affinity: both rules cannot hold on one cluster.
     fn place_group_apart(&mut self, group: &str, apart_group: &str, members: &[usize], total: u64) {
+        self.group_not_together(
+            members,
+            format!(
+                "its affinity group {group} ({} VMs, {}) has several members of the anti-affinity group {apart_group}: both rules are required and cannot hold on one cluster",
+                members.len(),
+                gib(total)
+            ),
+            format!(
+                "its affinity group {group} is split: members of its anti-affinity group {apart_group} must run apart"
+            ),
+        );
+    }
+
+    /// An affinity group that cannot move as a whole: with required affinity none of it moves
+    /// (`refusal` says why, after each member's own reasons); with preferred affinity each member
+    /// is placed on its own and carries the `split` warning.
+    fn group_not_together(&mut self, members: &[usize], refusal: String, split: String) {
         match self.options.affinity {
             Enforcement::Required => {
                 for &m in members {
                     let mut reasons = self.explain(m, None);
                     reasons.push(Blocker {
                         kind: BlockerKind::AffinityGroup,
-                        message: format!(
-                            "its affinity group {group} ({} VMs, {}) has several members of the anti-affinity group {apart_group}: both rules are required and cannot hold on one cluster",
-                            members.len(),
-                            gib(total)
-                        ),
+                        message: refusal.clone(),
                         remedy: BlockerKind::AffinityGroup.remedy(),
                         clusters: Vec::new(),
                     });
@@ -1344,9 +1335,7 @@ impl<'a> Engine<'a> {
                     self.place_one(m);
                     if let Some(last) = self.placed.last_mut() {
                         if last.mover == m {
-                            last.warnings.push(format!(
-                                "its affinity group {group} is split: members of its anti-affinity group {apart_group} must run apart"
-                            ));
+                            last.warnings.push(split.clone());
                         }
                     }
                 }
