@@ -574,10 +574,9 @@ impl Migrations {
                     )
                     .await?;
                     let key = format!("{id}/prepare-receiver");
-                    match self
-                        .outcome(&row.target_cluster_name, &key, PREPARE_TIMEOUT)
-                        .await?
-                    {
+                    let left =
+                        left_in_phase(&row, MigrationPhase::PreparingTarget, PREPARE_TIMEOUT);
+                    match self.outcome(&row.target_cluster_name, &key, left).await? {
                         Some(c) if c.state == CommandState::Succeeded => {
                             self.advance(
                                 id,
@@ -700,7 +699,8 @@ impl Migrations {
                         continue;
                     }
                     let limit = self.completion_limit(&row).await? + SEND_MARGIN;
-                    match self.outcome(&row.source_cluster_name, &key, limit).await? {
+                    let left = left_in_phase(&row, MigrationPhase::Running, limit);
+                    match self.outcome(&row.source_cluster_name, &key, left).await? {
                         Some(c) if c.state == CommandState::Succeeded => {
                             self.advance(
                                 id,
@@ -830,6 +830,18 @@ impl Migrations {
     }
 }
 
+/// What is left of `limit` for `phase`, counted from when the row says the phase began: a
+/// driver that restarts (after a database outage or a hub restart) keeps the phase's deadline
+/// instead of starting a fresh one.
+fn left_in_phase(row: &migration::Model, phase: MigrationPhase, limit: Duration) -> Duration {
+    let began = migration_trace::stamps(row)
+        .get(phase.as_str())
+        .copied()
+        .unwrap_or(row.updated_at);
+    let spent = (Utc::now() - began).to_std().unwrap_or_default();
+    limit.saturating_sub(spent)
+}
+
 /// Records a status report from an agent: progress (from the source) while the migration runs.
 pub async fn record_status(
     store: &Store,
@@ -876,5 +888,73 @@ pub async fn record_status(
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_in(phase: MigrationPhase, began: chrono::DateTime<Utc>) -> migration::Model {
+        migration::Model {
+            id: Uuid::nil(),
+            vm_namespace: "web".into(),
+            vm_name: "api".into(),
+            vm_uid: "uid".into(),
+            source_cluster_id: None,
+            target_cluster_id: None,
+            source_cluster_name: "east-1".into(),
+            target_cluster_name: "west-1".into(),
+            target_namespace: "web".into(),
+            storage_class_map: json!({}),
+            network_map: json!({}),
+            phase: phase.as_str().into(),
+            phase_timestamps: json!({ phase.as_str(): began }),
+            bytes_total: 0,
+            bytes_transferred: 0,
+            bytes_remaining: 0,
+            dirty_rate_bytes_per_sec: 0,
+            throughput_bytes_per_sec: 0,
+            failure_reason: None,
+            attempt: 1,
+            evacuation_id: None,
+            trace_id: None,
+            requested_by: "test".into(),
+            created_at: began,
+            updated_at: began,
+            finished_at: None,
+            queue_position: 0,
+            source_node: "n1".into(),
+            planned_bytes: 0,
+            bandwidth_bytes_per_sec: 0,
+            options: None,
+        }
+    }
+
+    #[test]
+    fn a_restarted_driver_keeps_the_phase_deadline() {
+        let limit = Duration::from_secs(300);
+        let fresh = row_in(MigrationPhase::PreparingTarget, Utc::now());
+        let left = left_in_phase(&fresh, MigrationPhase::PreparingTarget, limit);
+        assert!(left > Duration::from_secs(290), "{left:?}");
+        // Began four minutes ago (the driver was away for a database outage): one is left.
+        let old = row_in(
+            MigrationPhase::PreparingTarget,
+            Utc::now() - chrono::Duration::seconds(240),
+        );
+        let left = left_in_phase(&old, MigrationPhase::PreparingTarget, limit);
+        assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+            "{left:?}"
+        );
+        // Long past: nothing left, the driver ends the phase at once.
+        let expired = row_in(
+            MigrationPhase::Running,
+            Utc::now() - chrono::Duration::seconds(3600),
+        );
+        assert_eq!(
+            left_in_phase(&expired, MigrationPhase::Running, limit),
+            Duration::ZERO
+        );
     }
 }
