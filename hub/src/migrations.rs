@@ -609,42 +609,11 @@ impl Migrations {
                     }
                 }
                 MigrationPhase::TargetReady => {
-                    let target = cluster::Entity::find()
-                        .filter(cluster::Column::Name.eq(&row.target_cluster_name))
-                        .one(&self.store.db)
-                        .await?;
-                    let source = cluster::Entity::find()
-                        .filter(cluster::Column::Name.eq(&row.source_cluster_name))
-                        .one(&self.store.db)
-                        .await?;
-                    let (Some(target), Some(source)) = (target, source) else {
-                        self.fail(&row, "a cluster of this migration left the fleet".into())
-                            .await?;
-                        continue;
-                    };
-                    let Some(url) = target.sync_endpoint.clone().filter(|u| !u.is_empty()) else {
-                        self.fail(&row, "the target reports no sync endpoint".into())
-                            .await?;
-                        continue;
-                    };
-                    // As planned (policy or the source's defaults then).
-                    let options = match row
-                        .options
-                        .clone()
-                        .and_then(|o| serde_json::from_value::<MigrationOptions>(o).ok())
-                    {
-                        Some(options) => options,
-                        None => {
-                            let config: MigrationConfig =
-                                serde_json::from_value(source.migration_config.clone())
-                                    .unwrap_or_default();
-                            MigrationOptions {
-                                bandwidth_bytes_per_sec: config.bandwidth_per_migration,
-                                allow_auto_converge: config.allow_auto_converge,
-                                allow_post_copy: config.allow_post_copy,
-                                completion_timeout_per_gib: config.completion_timeout_per_gib,
-                                progress_timeout_secs: config.progress_timeout,
-                            }
+                    let send = match self.send_command(&row).await? {
+                        Ok(send) => send,
+                        Err(reason) => {
+                            self.fail(&row, reason).await?;
+                            continue;
                         }
                     };
                     // Running first: a cancel that wins the race keeps the send from going out.
@@ -659,27 +628,8 @@ impl Migrations {
                     {
                         continue;
                     }
-                    self.submit(
-                        &row.source_cluster_name,
-                        &format!("{id}/send"),
-                        AgentCommand::SendVm {
-                            migration_id: mid,
-                            namespace: row.vm_namespace.clone(),
-                            name: row.vm_name.clone(),
-                            target_cluster: ClusterName::new(row.target_cluster_name.clone())
-                                .map_err(|e| {
-                                    StoreError::Database(sea_orm::DbErr::Custom(e.to_string()))
-                                })?,
-                            target_namespace: row.target_namespace.clone(),
-                            connect_url: url,
-                            options,
-                            trace_parent: Some(migration_trace::phase_traceparent(
-                                id,
-                                MigrationPhase::Running,
-                            )),
-                        },
-                    )
-                    .await?;
+                    self.submit(&row.source_cluster_name, &format!("{id}/send"), send)
+                        .await?;
                 }
                 MigrationPhase::Running => {
                     let key = format!("{id}/send");
@@ -689,13 +639,20 @@ impl Migrations {
                         .await?
                         .is_none()
                     {
-                        // The hub stopped between Running and storing the send: it never went
-                        // out, so the source never moved anything.
-                        self.fail(
-                            &row,
-                            "the send was never dispatched (the hub restarted); the source keeps running".into(),
-                        )
-                        .await?;
+                        // Running was recorded but the send was not stored (the database went
+                        // away, or the hub stopped, in between): it never went out and the
+                        // source moved nothing. A cancel asked for meanwhile ends it here;
+                        // otherwise it goes out now.
+                        if let Some(reason) = row.failure_reason.clone() {
+                            self.fail(&row, reason).await?;
+                            continue;
+                        }
+                        match self.send_command(&row).await? {
+                            Ok(send) => {
+                                self.submit(&row.source_cluster_name, &key, send).await?;
+                            }
+                            Err(reason) => self.fail(&row, reason).await?,
+                        }
                         continue;
                     }
                     let limit = self.completion_limit(&row).await? + SEND_MARGIN;
@@ -729,6 +686,66 @@ impl Migrations {
                 MigrationPhase::Succeeded | MigrationPhase::Failed => return Ok(()),
             }
         }
+    }
+
+    /// The send for the source agent, as planned; or why it cannot go out (the migration
+    /// fails with that reason).
+    async fn send_command(
+        &self,
+        row: &migration::Model,
+    ) -> Result<Result<AgentCommand, String>, StoreError> {
+        let target = cluster::Entity::find()
+            .filter(cluster::Column::Name.eq(&row.target_cluster_name))
+            .one(&self.store.db)
+            .await?;
+        let source = cluster::Entity::find()
+            .filter(cluster::Column::Name.eq(&row.source_cluster_name))
+            .one(&self.store.db)
+            .await?;
+        let (Some(target), Some(source)) = (target, source) else {
+            return Ok(Err("a cluster of this migration left the fleet".into()));
+        };
+        let Some(url) = target.sync_endpoint.clone().filter(|u| !u.is_empty()) else {
+            return Ok(Err("the target reports no sync endpoint".into()));
+        };
+        let Ok(target_cluster) = ClusterName::new(row.target_cluster_name.clone()) else {
+            return Ok(Err(format!(
+                "the stored target cluster name {:?} is not valid",
+                row.target_cluster_name
+            )));
+        };
+        // As planned (policy or the source's defaults then).
+        let options = match row
+            .options
+            .clone()
+            .and_then(|o| serde_json::from_value::<MigrationOptions>(o).ok())
+        {
+            Some(options) => options,
+            None => {
+                let config: MigrationConfig =
+                    serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
+                MigrationOptions {
+                    bandwidth_bytes_per_sec: config.bandwidth_per_migration,
+                    allow_auto_converge: config.allow_auto_converge,
+                    allow_post_copy: config.allow_post_copy,
+                    completion_timeout_per_gib: config.completion_timeout_per_gib,
+                    progress_timeout_secs: config.progress_timeout,
+                }
+            }
+        };
+        Ok(Ok(AgentCommand::SendVm {
+            migration_id: MigrationId(row.id),
+            namespace: row.vm_namespace.clone(),
+            name: row.vm_name.clone(),
+            target_cluster,
+            target_namespace: row.target_namespace.clone(),
+            connect_url: url,
+            options,
+            trace_parent: Some(migration_trace::phase_traceparent(
+                row.id,
+                MigrationPhase::Running,
+            )),
+        }))
     }
 
     /// completionTimeoutPerGiB x (memory + disks) of the VM.
