@@ -683,7 +683,13 @@ impl Migrations {
                         }
                     }
                 }
-                MigrationPhase::Succeeded | MigrationPhase::Failed => return Ok(()),
+                MigrationPhase::Succeeded => return Ok(()),
+                // Both sides are told (again: the commands are keyed, so once), in case the
+                // database went away between recording the failure and storing the cancels.
+                MigrationPhase::Failed => {
+                    self.cleanup(&row).await?;
+                    return Ok(());
+                }
             }
         }
     }
