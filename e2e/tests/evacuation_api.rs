@@ -20,7 +20,75 @@ on_both_backends!(
     policies_choose_each_vms_settings,
     a_rebalance_moves_towards_the_band_and_holds_down,
     migration_events_follow_an_evacuation,
+    evacuations_page_newest_first_in_a_constant_number_of_statements,
 );
+
+const EVACUATIONS_PAGE: &str = r#"query($first: Int!, $after: String) {
+  evacuations(first: $first, after: $after) {
+    edges { node { id kind state cluster counters { planned queued running succeeded failed } estimatedFinishAt } }
+    pageInfo { hasNextPage endCursor } } }"#;
+
+async fn evacuations_page_newest_first_in_a_constant_number_of_statements(b: Backend) {
+    let h = TestHub::new(b, "evac_page").await.unwrap();
+    for (i, name) in ["c0", "c1", "c2", "c3", "c4", "c5"].iter().enumerate() {
+        cluster(&h, name, i as u32 + 1, 1, 1, 64, 5).await;
+    }
+    let start = r#"mutation($c: String!) { startEvacuation(input: {cluster: $c, allowPartial: true}) { id } }"#;
+    let statements = async |first: i64| {
+        let before = h.hub.store.statements.get();
+        let page = h.data(EVACUATIONS_PAGE, json!({"first": first})).await;
+        (h.hub.store.statements.get() - before, page)
+    };
+    let mut started = Vec::new();
+    started.push(h.data(start, json!({"c": "c0"})).await["startEvacuation"]["id"].clone());
+    let (one, page) = statements(10).await;
+    assert_eq!(
+        page["evacuations"]["edges"].as_array().map(Vec::len),
+        Some(1),
+        "{page}"
+    );
+    for c in ["c1", "c2", "c3", "c4"] {
+        started.push(h.data(start, json!({"c": c})).await["startEvacuation"]["id"].clone());
+    }
+    let (five, page) = statements(10).await;
+    assert_eq!(
+        page["evacuations"]["edges"].as_array().map(Vec::len),
+        Some(5),
+        "{page}"
+    );
+    assert_eq!(one, five, "the same statements for 1 and 5 evacuations");
+    assert_eq!(
+        page["evacuations"]["edges"][0]["node"]["counters"]["planned"], 1,
+        "counters come along: {page}"
+    );
+
+    // Two at a time, newest first, each once.
+    let mut seen = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let page = h
+            .data(EVACUATIONS_PAGE, json!({"first": 2, "after": after}))
+            .await;
+        let conn = &page["evacuations"];
+        seen.extend(
+            conn["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["node"]["id"].clone()),
+        );
+        if conn["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        after = conn["pageInfo"]["endCursor"].clone();
+    }
+    started.reverse();
+    assert_eq!(seen, started, "newest first, each once");
+    let bad = h
+        .gql(EVACUATIONS_PAGE, json!({"first": 2, "after": "nope"}))
+        .await;
+    assert_eq!(error_code(&bad).as_deref(), Some("BAD_USER_INPUT"), "{bad}");
+}
 
 /// Two hub replicas admitting at once: the second waits for the first's admission transaction
 /// (PostgreSQL advisory lock) and sees what it admitted. Without the lock, the second would read
@@ -227,8 +295,10 @@ async fn a_fleet_without_room_names_who_cannot_move_and_nothing_starts(b: Backen
     );
     assert!(error_message(&start).contains("east-vm-"), "{start}");
     assert!(migrations_of(&h).await.is_empty(), "nothing started");
-    let evacuations = h.data("{ evacuations { id } }", json!({})).await;
-    assert_eq!(evacuations["evacuations"], json!([]));
+    let evacuations = h
+        .data("{ evacuations { edges { node { id } } } }", json!({}))
+        .await;
+    assert_eq!(evacuations["evacuations"]["edges"], json!([]));
 }
 
 /// Whether the admitted migrations (phase past Pending) keep every limit.

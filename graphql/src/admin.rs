@@ -236,10 +236,12 @@ pub trait FleetAdmin: Send + Sync + 'static {
     /// Stops admitting an evacuation's migrations and cancels those in flight safely.
     async fn cancel_evacuation(&self, id: uuid::Uuid, actor: &str) -> Result<(), AdminError>;
 
-    /// One evacuation, or the newest `limit` of them when `id` is None.
+    /// One evacuation, or when `id` is None the newest `limit` of them older than `after` (an
+    /// evacuation's id, from a previous page). A constant number of statements per call.
     async fn evacuations(
         &self,
         id: Option<uuid::Uuid>,
+        after: Option<uuid::Uuid>,
         limit: u64,
     ) -> Result<Vec<EvacuationRecord>, AdminError>;
 

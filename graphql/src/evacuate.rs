@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, Enum, InputObject, Object, Result, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use drover_shared::ClusterName;
@@ -361,7 +362,7 @@ fn parse_id(what: &str, id: &ID) -> Result<uuid::Uuid, ApiError> {
 
 async fn evacuation(ctx: &Context<'_>, id: uuid::Uuid) -> Result<Evacuation> {
     admin(ctx)
-        .evacuations(Some(id), 1)
+        .evacuations(Some(id), None, 1)
         .await
         .map_err(ApiError::from)?
         .into_iter()
@@ -506,29 +507,38 @@ impl EvacuationMutation {
     }
 }
 
-/// The queries of this module (merged into `Query`).
-pub async fn evacuations(ctx: &Context<'_>, first: Option<i32>) -> Result<Vec<Evacuation>> {
-    let first = first.unwrap_or(crate::schema::DEFAULT_PAGE_SIZE);
-    if !(0..=crate::schema::MAX_PAGE_SIZE).contains(&first) {
-        return Err(ApiError::bad_input(format!(
-            "first: {first} is outside 0..={}",
-            crate::schema::MAX_PAGE_SIZE
-        ))
-        .into());
-    }
-    Ok(admin(ctx)
-        .evacuations(None, first as u64)
+/// The queries of this module (merged into `Query`): evacuations and rebalances, newest first,
+/// as a connection (`after` is an `endCursor` of a previous page).
+pub async fn evacuations(
+    ctx: &Context<'_>,
+    first: Option<i32>,
+    after: Option<String>,
+) -> Result<Connection<String, Evacuation, EmptyFields>> {
+    let page = crate::schema::page_request(first, after, 1)?;
+    let after = page
+        .after
+        .as_ref()
+        .map(|key| parse_id("after", &ID(key[0].clone())))
+        .transpose()?;
+    let mut records = admin(ctx)
+        .evacuations(None, after, u64::from(page.first) + 1)
         .await
-        .map_err(ApiError::from)?
-        .into_iter()
-        .map(Evacuation::try_from)
-        .collect::<Result<_, _>>()?)
+        .map_err(ApiError::from)?;
+    let has_next = records.len() > page.first as usize;
+    records.truncate(page.first as usize);
+    let mut conn = Connection::new(after.is_some(), has_next);
+    for record in records {
+        let cursor = crate::model::encode_cursor(&[&record.id.to_string()]);
+        conn.edges
+            .push(Edge::new(cursor, Evacuation::try_from(record)?));
+    }
+    Ok(conn)
 }
 
 pub async fn evacuation_by_id(ctx: &Context<'_>, id: ID) -> Result<Option<Evacuation>> {
     let id = parse_id("id", &id)?;
     Ok(admin(ctx)
-        .evacuations(Some(id), 1)
+        .evacuations(Some(id), None, 1)
         .await
         .map_err(ApiError::from)?
         .into_iter()

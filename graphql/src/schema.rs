@@ -180,7 +180,11 @@ fn labels_list(map: &BTreeMap<String, String>) -> Vec<Label> {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-fn page_request(first: Option<i32>, after: Option<String>, parts: usize) -> Result<PageRequest> {
+pub(crate) fn page_request(
+    first: Option<i32>,
+    after: Option<String>,
+    parts: usize,
+) -> Result<PageRequest> {
     let first = first.unwrap_or(DEFAULT_PAGE_SIZE);
     if !(0..=MAX_PAGE_SIZE).contains(&first) {
         return Err(ApiError::new(
@@ -351,12 +355,16 @@ impl Query {
 
     /// One cluster by name.
     /// Evacuations and rebalances, newest first.
+    #[graphql(
+        complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
+    )]
     async fn evacuations(
         &self,
         ctx: &Context<'_>,
         first: Option<i32>,
-    ) -> Result<Vec<crate::evacuate::Evacuation>> {
-        crate::evacuate::evacuations(ctx, first).await
+        after: Option<String>,
+    ) -> Result<Connection<String, crate::evacuate::Evacuation, EmptyFields>> {
+        crate::evacuate::evacuations(ctx, first, after).await
     }
 
     /// One evacuation or rebalance by id, with its counters and estimated finish.

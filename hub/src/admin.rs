@@ -211,22 +211,16 @@ fn stored_plan(e: &evacuation::Model) -> Option<Plan> {
 }
 
 impl HubAdmin {
-    async fn evacuation_record(
+    /// An evacuation as the API shows it, from its row and its migrations' rows.
+    fn evacuation_record(
         &self,
         e: evacuation::Model,
+        rows: &[migration::Model],
+        max_attempts: i32,
     ) -> Result<EvacuationRecord, AdminError> {
-        let db_err = |e: StoreError| AdminError::Read(store_err(e));
-        let settings = self.scheduler.settings();
-        let c = evacuations::counters(&self.store, &e, settings.max_attempts)
-            .await
-            .map_err(db_err)?;
-        let rows = migration::Entity::find()
-            .filter(migration::Column::EvacuationId.eq(e.id))
-            .all(&self.store.db)
-            .await
-            .map_err(|e| db_err(e.into()))?;
+        let c = evacuations::counters_of(&e, rows, max_attempts);
         let estimated_finish_at = match EvacuationState::parse(&e.state) {
-            Some(EvacuationState::Running) => evacuations::estimated_finish(&e, &rows, Utc::now()),
+            Some(EvacuationState::Running) => evacuations::estimated_finish(&e, rows, Utc::now()),
             _ => e.finished_at,
         };
         Ok(EvacuationRecord {
@@ -314,22 +308,46 @@ impl FleetAdmin for HubAdmin {
     async fn evacuations(
         &self,
         id: Option<uuid::Uuid>,
+        after: Option<uuid::Uuid>,
         limit: u64,
     ) -> Result<Vec<EvacuationRecord>, AdminError> {
-        let mut query = evacuation::Entity::find().order_by_desc(evacuation::Column::CreatedAt);
+        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
+        // Ids are time-ordered (UUIDv7): newest first, and `after` pages on from an id.
+        let mut query = evacuation::Entity::find().order_by_desc(evacuation::Column::Id);
         if let Some(id) = id {
             query = query.filter(evacuation::Column::Id.eq(id));
         }
-        let rows = query
+        if let Some(after) = after {
+            query = query.filter(evacuation::Column::Id.lt(after));
+        }
+        let evacuations = query
             .limit(limit)
             .all(&self.store.db)
             .await
-            .map_err(|e| AdminError::Read(store_err(e.into())))?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            records.push(self.evacuation_record(row).await?);
+            .map_err(db_err)?;
+        // Every listed evacuation's migrations in one statement.
+        let mut by_evacuation: std::collections::HashMap<uuid::Uuid, Vec<migration::Model>> =
+            std::collections::HashMap::new();
+        if !evacuations.is_empty() {
+            let rows = migration::Entity::find()
+                .filter(migration::Column::EvacuationId.is_in(evacuations.iter().map(|e| e.id)))
+                .all(&self.store.db)
+                .await
+                .map_err(db_err)?;
+            for row in rows {
+                if let Some(e) = row.evacuation_id {
+                    by_evacuation.entry(e).or_default().push(row);
+                }
+            }
         }
-        Ok(records)
+        let max_attempts = self.scheduler.settings().max_attempts;
+        evacuations
+            .into_iter()
+            .map(|e| {
+                let rows = by_evacuation.remove(&e.id).unwrap_or_default();
+                self.evacuation_record(e, &rows, max_attempts)
+            })
+            .collect()
     }
 
     async fn set_migration_policy(

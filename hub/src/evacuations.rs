@@ -492,8 +492,17 @@ pub async fn counters(
         .filter(migration::Column::EvacuationId.eq(e.id))
         .all(&store.db)
         .await?;
+    Ok(counters_of(e, &rows, max_attempts))
+}
+
+/// An evacuation's counters from its migrations' rows (each VM's latest attempt counts).
+pub fn counters_of(
+    e: &evacuation::Model,
+    rows: &[migration::Model],
+    max_attempts: i32,
+) -> Counters {
     let mut latest: HashMap<&str, &migration::Model> = HashMap::new();
-    for m in &rows {
+    for m in rows {
         let entry = latest.entry(m.vm_uid.as_str()).or_insert(m);
         if m.attempt > entry.attempt {
             *entry = m;
@@ -517,7 +526,7 @@ pub async fn counters(
             _ => c.running += 1,
         }
     }
-    Ok(c)
+    c
 }
 
 /// Ends running evacuations whose migrations have all ended for good.
