@@ -13,6 +13,8 @@ missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
 command -v pg_isready >/dev/null || missing+=(postgresql-client)
+# A real Prometheus scrapes the hub in the evacuation test.
+command -v prometheus >/dev/null || missing+=(prometheus)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]}"

@@ -7,4 +7,5 @@ pub mod logs;
 pub mod otlp;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod testbed;

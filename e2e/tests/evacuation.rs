@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use drover_e2e::agents::eventually;
 use drover_e2e::postgres::PgCluster;
 use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::prometheus::Prometheus;
 use drover_e2e::testbed::test_guest;
 use serde_json::{json, Value};
 
@@ -178,6 +179,9 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut hub = HubProcess::start_with_args(hub_dir.path(), Some(&url), 0, &args).await;
     let agent_port: u16 = hub.agents.rsplit(':').next().unwrap().parse().unwrap();
+    // An operator's Prometheus scrapes the hub all along (the restarted hub too).
+    let target = |hub: &HubProcess| hub.url("").trim_start_matches("http://").to_owned();
+    let mut prometheus = Prometheus::start(&target(&hub)).await.unwrap();
     let http = reqwest::Client::new();
     let mut agents = Vec::new();
     for (dir, cluster) in [
@@ -312,6 +316,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     hub.child.start_kill().unwrap();
     hub.child.wait().await.unwrap();
     hub = HubProcess::start_with_args(hub_dir.path(), Some(&url), agent_port, &args).await;
+    prometheus.scrape(&target(&hub)).unwrap();
 
     let mut last = Value::Null;
     eventually(
@@ -401,5 +406,40 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
         east["data"]["cluster"]["maintenance"], true,
         "the evacuated cluster stays cordoned"
     );
+
+    // What Prometheus stored: the series operators alert on, across the outage and the crash.
+    let expected = [
+        r#"up{job="drover-hub"} == 1"#,
+        r#"drover_migrations_ended_total{result="Succeeded"} > 0"#,
+        "drover_admission_wait_seconds_count > 0",
+        r#"drover_scheduler_slots_in_use{cluster="east-1"}"#,
+        "drover_migrations_waiting",
+        r#"drover_evacuation_moves{state="succeeded"}"#,
+        "drover_scheduler_rounds_total > 0",
+        "max_over_time(drover_scheduler_round_failures_total[1h]) > 0",
+        r#"max_over_time(drover_database_errors_total{kind="unavailable"}[1h]) > 0"#,
+    ];
+    // A scrape a second: give it a little while to have seen the end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut missing = Vec::new();
+        for promql in expected {
+            if prometheus
+                .query(promql)
+                .await
+                .map_or(true, |r| r.is_empty())
+            {
+                missing.push(promql);
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus does not hold {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(agents);
 }

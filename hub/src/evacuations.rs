@@ -535,8 +535,15 @@ pub async fn finish_ended(store: &Store, max_attempts: i32) -> Result<(), StoreE
         .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
         .all(&store.db)
         .await?;
+    // Progress of the running evacuations, summed (per-evacuation detail is in the API).
+    let mut progress = Counters::default();
     for e in running {
         let c = counters(store, &e, max_attempts).await?;
+        progress.planned += c.planned;
+        progress.queued += c.queued;
+        progress.running += c.running;
+        progress.succeeded += c.succeeded;
+        progress.failed += c.failed;
         if c.queued > 0 || c.running > 0 {
             continue;
         }
@@ -554,6 +561,15 @@ pub async fn finish_ended(store: &Store, max_attempts: i32) -> Result<(), StoreE
             .exec(&store.db)
             .await?;
         tracing::info!(evacuation = %e.id, state = state.as_str(), succeeded = c.succeeded, failed = c.failed, cannot_move = c.cannot_move, "ended");
+    }
+    for (state, n) in [
+        ("planned", progress.planned),
+        ("queued", progress.queued),
+        ("running", progress.running),
+        ("succeeded", progress.succeeded),
+        ("failed", progress.failed),
+    ] {
+        metrics::gauge!("drover_evacuation_moves", "state" => state).set(n as f64);
     }
     Ok(())
 }

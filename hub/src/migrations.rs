@@ -483,6 +483,8 @@ impl Migrations {
                 migration_trace::phase_ended(&row, ended, started, now);
             }
             if done {
+                metrics::counter!("drover_migrations_ended_total", "result" => phase.as_str())
+                    .increment(1);
                 // A slot is free: the scheduler admits the next migration at once.
                 self.wake.notify_one();
                 let reason = match phase {

@@ -106,6 +106,7 @@ impl Scheduler {
         loop {
             let wait = match self.round().await {
                 Ok(()) => {
+                    metrics::counter!("drover_scheduler_rounds_total").increment(1);
                     delays = crate::retry::delays(TICK, cap);
                     TICK
                 }
@@ -162,6 +163,7 @@ impl Scheduler {
             .await?;
         if queued.is_empty() {
             tx.commit().await?;
+            metrics::gauge!("drover_migrations_waiting").set(0.0);
             return Ok(Vec::new());
         }
         let running = migration::Entity::find()
@@ -221,8 +223,15 @@ impl Scheduler {
             }
         }
         tx.commit().await?;
+        record_slots(&limits, &running, &queued, &admitted);
         for id in &admitted {
             if let Some(row) = queued.iter().find(|r| r.id == *id) {
+                metrics::histogram!("drover_admission_wait_seconds").record(
+                    (now - row.created_at)
+                        .to_std()
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
                 let queued_at = crate::migration_trace::stamps(row)
                     .get(MigrationPhase::Pending.as_str())
                     .copied()
@@ -240,6 +249,29 @@ impl Scheduler {
         }
         Ok(admitted)
     }
+}
+
+/// The scheduler's gauges after an admission: the slots each cluster's migrations hold (as
+/// source or target) and how many migrations still wait.
+fn record_slots(
+    limits: &AdmissionLimits,
+    running: &[migration::Model],
+    queued: &[migration::Model],
+    admitted: &[Uuid],
+) {
+    let mut in_use: HashMap<&str, u64> = limits.clusters.keys().map(|c| (c.as_str(), 0)).collect();
+    let admitted_rows = queued.iter().filter(|r| admitted.contains(&r.id));
+    for row in running.iter().chain(admitted_rows) {
+        for cluster in [&row.source_cluster_name, &row.target_cluster_name] {
+            *in_use.entry(cluster.as_str()).or_default() += 1;
+        }
+    }
+    for (cluster, n) in in_use {
+        metrics::gauge!("drover_scheduler_slots_in_use", "cluster" => cluster.to_owned())
+            .set(n as f64);
+    }
+    metrics::gauge!("drover_migrations_waiting")
+        .set(queued.len().saturating_sub(admitted.len()) as f64);
 }
 
 /// Serialises admission across hub replicas (PostgreSQL); SQLite serves one hub and serialises

@@ -39,7 +39,13 @@ pub enum StoreError {
 
 impl From<DbErr> for StoreError {
     fn from(e: DbErr) -> Self {
-        if is_unavailable(&e) {
+        let unavailable = is_unavailable(&e);
+        metrics::counter!(
+            "drover_database_errors_total",
+            "kind" => if unavailable { "unavailable" } else { "error" }
+        )
+        .increment(1);
+        if unavailable {
             Self::Unavailable(e)
         } else {
             Self::Database(e)
