@@ -45,7 +45,7 @@ impl RunningAgent {
         let task = tokio::spawn(session::run(
             identity,
             dir.to_owned(),
-            base.to_owned(),
+            vec![base.to_owned()],
             source.clone(),
             source.commands(dir),
             status_tx,

@@ -340,7 +340,7 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
     let agent = tokio::spawn(session::run(
         identity,
         agent_dir.path().to_owned(),
-        hub.agents.clone(),
+        vec![hub.agents.clone()],
         cluster.clone(),
         cluster.commands(agent_dir.path()),
         status_tx,
@@ -386,6 +386,99 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
         status.borrow().sessions_opened >= 2,
         "{:?}",
         *status.borrow()
+    );
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+}
+
+/// Two hub replicas on one PostgreSQL, sharing one CA; an agent given both addresses fails over
+/// to the second when the first is killed, and reports the cluster's change through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_to_another_hub_replica() {
+    use drover_agent::session::{self, SessionStatus};
+    use drover_e2e::testbed::{vm, TestCluster};
+    let pg = PgCluster::start_dedicated().await.unwrap();
+    let url = pg.create_database("failover").await.unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = HubProcess::start(dir_a.path(), Some(&url)).await;
+    let (ca_cert, ca_key) = (
+        dir_a.path().join("pki/ca.pem"),
+        dir_a.path().join("pki/ca-key.pem"),
+    );
+    let b = HubProcess::start_with_args(
+        dir_b.path(),
+        Some(&url),
+        0,
+        &[
+            "--ca-cert",
+            ca_cert.to_str().unwrap(),
+            "--ca-key",
+            ca_key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let token = a.create_join_token(&http, "east-1").await.unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let identity = drover_agent::identity::AgentIdentity::join(
+        agent_dir.path(),
+        &a.agents,
+        &drover_shared::ClusterName::new("east-1").unwrap(),
+        &token,
+    )
+    .await
+    .unwrap();
+    let cluster = TestCluster::new(vec![vm("web", "api-1", 1)]);
+    let (status_tx, mut status) = tokio::sync::watch::channel(SessionStatus::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(session::run(
+        identity,
+        agent_dir.path().to_owned(),
+        vec![a.agents.clone(), b.agents.clone()],
+        cluster.clone(),
+        cluster.commands(agent_dir.path()),
+        status_tx,
+        stopped,
+    ));
+    let count = async |hub: &HubProcess| -> Option<i64> {
+        let d = post_gql(
+            &reqwest::Client::new(),
+            &hub.url("/graphql"),
+            r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
+        )
+        .await
+        .ok()?;
+        d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
+    };
+    poll(
+        "the agent's snapshot through the first replica",
+        Duration::from_secs(60),
+        async || (count(&a).await == Some(1)).then_some(()),
+    )
+    .await;
+    let sessions = |metrics: &str| metrics.contains("drover_agent_sessions 1");
+    assert!(
+        sessions(&a.metrics(&http).await),
+        "the session is on the first replica"
+    );
+
+    a.child.start_kill().unwrap();
+    let _ = a.child.wait().await;
+    tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| !s.connected))
+        .await
+        .expect("the agent notices the first replica is gone")
+        .unwrap();
+    cluster.add_vm(vm("web", "api-2", 2));
+    // The next address is tried at once, not after a back-off.
+    poll(
+        "the agent on the second replica, with the change",
+        Duration::from_secs(60),
+        async || (count(&b).await == Some(2)).then_some(()),
+    )
+    .await;
+    assert!(
+        sessions(&b.metrics(&http).await),
+        "the session is on the second replica"
     );
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;

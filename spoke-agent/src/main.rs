@@ -35,9 +35,11 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// The hub's agent endpoint, e.g. https://hub.example:8443
-    #[arg(long, env = "DROVER_HUB", global = true)]
-    hub: Option<String>,
+    /// The hub's agent endpoint, e.g. https://hub.example:8443; repeat the flag (or separate
+    /// with commas) for the replicas of a hub: the session fails over from one to the next.
+    /// Joining, renewing and checking use the first.
+    #[arg(long = "hub", env = "DROVER_HUB", value_delimiter = ',', global = true)]
+    hubs: Vec<String>,
     /// Where the agent keeps its key, certificate, command journal and (qemu) VMs.
     #[arg(
         long,
@@ -260,15 +262,16 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
     let session = tokio::spawn(session::run(
         identity,
         common.data_dir.clone(),
-        hub.to_owned(),
+        common.hubs.clone(),
         runtime.clone(),
         commands,
         status_tx,
         stop,
     ));
     println!(
-        "drover-agent running as cluster {cluster} (runtime qemu, data dir {}); hub {hub}; sync endpoint {advertise}",
-        common.data_dir.display()
+        "drover-agent running as cluster {cluster} (runtime qemu, data dir {}); hub {}; sync endpoint {advertise}",
+        common.data_dir.display(),
+        common.hubs.join(", ")
     );
     tokio::pin!(session);
     let ended_by_itself = tokio::select! {
@@ -318,8 +321,9 @@ async fn main() -> anyhow::Result<()> {
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     let hub = common
-        .hub
-        .clone()
+        .hubs
+        .first()
+        .cloned()
         .context("--hub (or DROVER_HUB) is required: the hub's agent endpoint, e.g. https://hub.example:8443")?;
     match cli.command {
         None => run(common, &cli.run, &hub).await?,

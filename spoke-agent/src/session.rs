@@ -61,13 +61,15 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Keeps a session with `hub` until `shutdown` turns true, renewing the agent's certificate
-/// (stored in `data_dir`) whenever it is due before connecting. Gives up only when the hub
-/// refuses the certificate for good (revoked); `status.last_error` then says so.
+/// Keeps a session with one of `hubs` (the agent endpoints of the hub's replicas; at least one)
+/// until `shutdown` turns true, renewing the agent's certificate (stored in `data_dir`) whenever
+/// it is due before connecting. A session that fails or ends moves on to the next address at
+/// once; only when every address failed in turn does the agent back off. Gives up only when a
+/// hub refuses the certificate for good (revoked); `status.last_error` then says so.
 pub async fn run(
     mut identity: AgentIdentity,
     data_dir: PathBuf,
-    hub: String,
+    hubs: Vec<String>,
     source: Arc<dyn InventorySource>,
     mut commands: Commands,
     status: watch::Sender<SessionStatus>,
@@ -75,10 +77,13 @@ pub async fn run(
 ) {
     let mut backoff = INITIAL_BACKOFF;
     let mut generation = 0u64;
+    // Which address to try, and how many in a row failed since the last good session.
+    let (mut current, mut failed_in_a_row) = (0usize, 0usize);
     loop {
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || hubs.is_empty() {
             return;
         }
+        let hub = hubs[current % hubs.len()].clone();
         if identity.renewal_due() {
             match identity.renew(&data_dir, &hub).await {
                 Ok(()) => tracing::info!(cluster = %identity.cluster, "certificate renewed"),
@@ -91,25 +96,40 @@ pub async fn run(
             r = session(&identity, &hub, source.as_ref(), &mut commands, &status, &mut generation) => r,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
+        // A session that got as far as the hello was a good one: the count starts over.
+        if status.borrow().connected {
+            failed_in_a_row = 0;
+            backoff = INITIAL_BACKOFF;
+        }
         status.send_modify(|s| s.connected = false);
+        // Whatever ended this session, the next attempt goes to the next address.
+        current += 1;
         match outcome {
             // The hub said goodbye (replaced, restarting): come back soon, gently.
             Ok(reason) => {
-                tracing::info!(%reason, "hub ended the session");
+                tracing::info!(%reason, %hub, "hub ended the session");
                 backoff = INITIAL_BACKOFF;
+                failed_in_a_row = 0;
             }
             Err(e @ SessionError::Revoked) => {
-                tracing::error!(error = %e, "giving up the hub session");
+                tracing::error!(error = %e, %hub, "giving up the hub session");
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "hub session failed");
+                failed_in_a_row += 1;
+                tracing::warn!(error = %e, %hub, "hub session failed");
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
-        // Jitter spreads a fleet of agents reconnecting after a hub restart.
+        // Another address not tried yet since the last good session: at once. Every one
+        // failed: back off, with jitter to spread a fleet of agents reconnecting after a hub
+        // restart.
+        if failed_in_a_row > 0 && failed_in_a_row % hubs.len() != 0 {
+            continue;
+        }
         let jittered = backoff.mul_f64(rand::random_range(0.5..1.5));
+        tracing::info!(retry_in = ?jittered, "no hub address answered; backing off");
         tokio::select! {
             _ = tokio::time::sleep(jittered) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,

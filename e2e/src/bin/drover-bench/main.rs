@@ -632,7 +632,7 @@ fn start_sessions(
         tasks.push(tokio::spawn(drover_agent::session::run(
             identity,
             dir.clone(),
-            hub.to_owned(),
+            vec![hub.to_owned()],
             cluster.clone(),
             cluster.commands(dir),
             status,
