@@ -311,9 +311,46 @@ async fn an_agent_joins_a_hub_started_from_the_readme_once() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("join first"));
 }
 
+/// An in-process agent session for cluster `identity.cluster` with `hubs`, reporting `cluster`:
+/// its status, the sender that stops it, and its task.
+fn spawn_session(
+    identity: drover_agent::identity::AgentIdentity,
+    dir: &Path,
+    hubs: Vec<String>,
+    cluster: std::sync::Arc<drover_e2e::testbed::TestCluster>,
+) -> (
+    tokio::sync::watch::Receiver<drover_agent::session::SessionStatus>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(drover_agent::session::run(
+        identity,
+        dir.to_owned(),
+        hubs,
+        cluster.clone(),
+        cluster.commands(dir),
+        status_tx,
+        stopped,
+    ));
+    (status, stop, task)
+}
+
+/// How many VMs the hub shows for east-1 (None while it cannot say).
+async fn east_vm_count(hub: &HubProcess) -> Option<i64> {
+    let d = post_gql(
+        &reqwest::Client::new(),
+        &hub.url("/graphql"),
+        r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
+    )
+    .await
+    .ok()?;
+    d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
-    use drover_agent::session::{self, SessionStatus};
     use drover_e2e::testbed::{vm, TestCluster};
     let agent_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -335,28 +372,13 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
     .await
     .unwrap();
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1), vm("web", "api-2", 2)]);
-    let (status_tx, mut status) = tokio::sync::watch::channel(SessionStatus::default());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent = tokio::spawn(session::run(
+    let (mut status, stop, agent) = spawn_session(
         identity,
-        agent_dir.path().to_owned(),
+        agent_dir.path(),
         vec![hub.agents.clone()],
         cluster.clone(),
-        cluster.commands(agent_dir.path()),
-        status_tx,
-        stopped,
-    ));
-
-    let count = async |hub: &HubProcess| -> Option<i64> {
-        let d = post_gql(
-            &reqwest::Client::new(),
-            &hub.url("/graphql"),
-            r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
-        )
-        .await
-        .ok()?;
-        d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
-    };
+    );
+    let count = east_vm_count;
     poll(
         "the agent's snapshot",
         Duration::from_secs(60),
@@ -395,7 +417,6 @@ async fn agents_reconnect_and_resync_after_the_hub_is_killed() {
 /// to the second when the first is killed, and reports the cluster's change through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_fails_over_to_another_hub_replica() {
-    use drover_agent::session::{self, SessionStatus};
     use drover_e2e::testbed::{vm, TestCluster};
     let pg = PgCluster::start_dedicated().await.unwrap();
     let url = pg.create_database("failover").await.unwrap();
@@ -429,27 +450,13 @@ async fn an_agent_fails_over_to_another_hub_replica() {
     .await
     .unwrap();
     let cluster = TestCluster::new(vec![vm("web", "api-1", 1)]);
-    let (status_tx, mut status) = tokio::sync::watch::channel(SessionStatus::default());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent = tokio::spawn(session::run(
+    let (mut status, stop, agent) = spawn_session(
         identity,
-        agent_dir.path().to_owned(),
+        agent_dir.path(),
         vec![a.agents.clone(), b.agents.clone()],
         cluster.clone(),
-        cluster.commands(agent_dir.path()),
-        status_tx,
-        stopped,
-    ));
-    let count = async |hub: &HubProcess| -> Option<i64> {
-        let d = post_gql(
-            &reqwest::Client::new(),
-            &hub.url("/graphql"),
-            r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
-        )
-        .await
-        .ok()?;
-        d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
-    };
+    );
+    let count = east_vm_count;
     poll(
         "the agent's snapshot through the first replica",
         Duration::from_secs(60),
