@@ -1,5 +1,5 @@
 //! A real Prometheus server for tests (Debian's `prometheus` package): scrapes the hub's
-//! `/metrics` every second on loopback, its targets in a file the test rewrites when a hub
+//! `/metrics` every two seconds on loopback, its targets in a file the test rewrites when a hub
 //! restarts on another port (file-based discovery), its data in a temporary directory; queried
 //! through its HTTP API. The process ends when the handle is dropped.
 
@@ -24,7 +24,7 @@ fn targets_file(dir: &Path) -> PathBuf {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `target` (`host:port` of a hub) every second.
+    /// Starts Prometheus scraping `target` (`host:port` of a hub) every two seconds.
     pub async fn start(target: &str) -> anyhow::Result<Self> {
         let binary = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
             .into_iter()
@@ -32,7 +32,7 @@ impl Prometheus {
             .context("prometheus is not installed; scripts/test.sh installs Debian's package")?;
         let dir = tempfile::tempdir()?;
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: drover-hub\n    metrics_path: /metrics\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\nscrape_configs:\n  - job_name: drover-hub\n    metrics_path: /metrics\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
             targets_file(dir.path()).display()
         );
         std::fs::write(dir.path().join("prometheus.yml"), config)?;
@@ -111,6 +111,36 @@ impl Prometheus {
             .as_array()
             .cloned()
             .unwrap_or_default())
+    }
+
+    /// Waits up to `timeout` until every query returns a series; the ones that never did.
+    pub async fn wait_for(&self, queries: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut missing = Vec::new();
+            for promql in queries {
+                if self.query(promql).await.map_or(true, |r| r.is_empty()) {
+                    missing.push((*promql).to_owned());
+                }
+            }
+            if missing.is_empty() || tokio::time::Instant::now() > deadline {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// What Prometheus says of its targets (for a failing test's message).
+    pub async fn targets(&self) -> String {
+        match self
+            .http
+            .get(format!("{}/api/v1/targets", self.base))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => format!("targets unavailable: {e}"),
+        }
     }
 
     /// The value of the first series an instant query returns, if any.
