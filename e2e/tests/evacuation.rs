@@ -312,20 +312,6 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
         eprintln!("hub metrics after the outage: {line}");
     }
 
-    // Prometheus saw the outage on this hub before it goes (stored samples count, so `max_over_time`).
-    let outage = [
-        "max_over_time(drover_scheduler_round_failures_total[1h]) > 0",
-        // Either kind: a server going down answers with connection errors or with errors
-        // about its shutdown, depending on the moment.
-        "max_over_time(drover_database_errors_total[1h]) > 0",
-    ];
-    let missing = prometheus.wait_for(&outage, Duration::from_secs(60)).await;
-    assert!(
-        missing.is_empty(),
-        "Prometheus does not hold {missing:?}; targets: {}",
-        prometheus.targets().await
-    );
-
     // Then kill -9 the hub and start it again on the same store.
     hub.child.start_kill().unwrap();
     hub.child.wait().await.unwrap();
@@ -422,7 +408,9 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     );
 
     // What Prometheus stored: the series operators alert on, from both hubs (a target that
-    // went away leaves its samples, so `max_over_time`).
+    // went away leaves its samples, so `max_over_time`). Database errors and failed rounds are
+    // not among them: whether an 8 s outage fails a statement or only delays it (the pool
+    // waits for a connection) depends on the moment.
     let expected = [
         r#"max_over_time(up{job="drover-hub"}[1h]) == 1"#,
         r#"max_over_time(drover_migrations_ended_total{result="Succeeded"}[1h]) > 0"#,
