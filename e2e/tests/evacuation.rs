@@ -385,7 +385,15 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
         )
         .await;
         let (_, banners) = guest_console(&target);
-        assert_eq!(banners, 0, "{name} was resumed, not booted");
+        if banners != 0 {
+            let console = std::fs::read_to_string(target.join("serial.log")).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{name} booted on its target instead of resuming; its console ends:\n{}",
+                tail.join("\n")
+            );
+        }
     }
     eventually(
         "the hub sees every VM on its target",
