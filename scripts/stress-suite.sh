@@ -68,7 +68,10 @@ case "$mode" in
         "drover-agent qemu_migration" "drover-agent qemu_runtime"; do
         set -- $target
         start=$(date +%s)
-        if cargo test --locked -p "$1" --test "$2" >"$out/guests-$n-$2.log" 2>&1; then
+        # The tests start the workspace's binaries: build them too (the checkout may have moved
+        # on since the last round; `cargo test -p X` alone rebuilds only X's test).
+        if cargo build --workspace --all-targets --locked >"$out/guests-$n-$2.log" 2>&1 &&
+          cargo test --locked -p "$1" --test "$2" >>"$out/guests-$n-$2.log" 2>&1; then
           status=passed
         else
           status=FAILED
