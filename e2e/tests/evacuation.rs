@@ -386,12 +386,16 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
         .await;
         let (_, banners) = guest_console(&target);
         if banners != 0 {
+            // What the guest printed before it booted again (its kernel's last words).
             let console = std::fs::read_to_string(target.join("serial.log")).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = console.lines().collect();
+            let boot = lines
+                .iter()
+                .position(|l| l.contains("drover-guest: up"))
+                .unwrap_or(lines.len());
             panic!(
-                "{name} booted on its target instead of resuming; its console ends:\n{}",
-                tail.join("\n")
+                "{name} booted on its target instead of resuming; its console before that boot:\n{}",
+                lines[boot.saturating_sub(40)..(boot + 3).min(lines.len())].join("\n")
             );
         }
     }
