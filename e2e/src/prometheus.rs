@@ -142,16 +142,6 @@ impl Prometheus {
             Err(e) => format!("targets unavailable: {e}"),
         }
     }
-
-    /// The value of the first series an instant query returns, if any.
-    pub async fn value(&self, promql: &str) -> anyhow::Result<Option<f64>> {
-        Ok(self
-            .query(promql)
-            .await?
-            .first()
-            .and_then(|s| s["value"][1].as_str())
-            .and_then(|v| v.parse().ok()))
-    }
 }
 
 impl Drop for Prometheus {

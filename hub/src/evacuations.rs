@@ -20,7 +20,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::admission::AdmissionLimits;
-pub use crate::fleet_view::load_fleet;
+use crate::fleet_view::load_fleet;
 use crate::migrations::{MigrateError, Migrations, QueuedMigration};
 use crate::planner::{self, Plan, PlanKind, PlanOptions, RebalanceOptions};
 use crate::scheduler::SchedulerSettings;

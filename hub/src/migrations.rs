@@ -162,11 +162,6 @@ impl Migrations {
             .is_ok()
     }
 
-    /// How many migrations this process drives now.
-    pub fn drivers(&self) -> usize {
-        self.driving.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// Tells `migrationEvents` subscribers.
     pub fn publish(&self, event: MigrationEvent) {
         let _ = self.events.send(event);
