@@ -111,6 +111,43 @@ const MIGRATIONS: &str = r#"query($e: ID!) { migrations(first: 100, filter: {eva
   edges { node { id phase attempt virtualMachine { name } sourceClusterName targetClusterName failureReason
   phaseTimestamps { phase at } } } } }"#;
 
+/// What a guest that went wrong on its target shows: the end of its console, what QEMU
+/// printed, and whether its QEMU still burns CPU (a vCPU spinning) or sits idle.
+fn guest_report(vm_dir: &Path) -> String {
+    let console = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    let qemu_log = std::fs::read_to_string(vm_dir.join("qemu.log")).unwrap_or_default();
+    let pid = std::fs::read_to_string(vm_dir.join("qemu.pid")).unwrap_or_default();
+    let cpu = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .ok()
+            .map(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                // state, utime, stime (clock ticks)
+                format!(
+                    "state {} utime {} stime {}",
+                    fields.first().unwrap_or(&"?"),
+                    fields.get(11).unwrap_or(&"?"),
+                    fields.get(12).unwrap_or(&"?")
+                )
+            })
+            .unwrap_or_else(|| "no such process".into())
+    };
+    let first = cpu(&pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let second = cpu(&pid);
+    format!(
+        "console (last 30 lines):\n{tail}\nqemu.log:\n{qemu_log}\nQEMU pid {}: {first}; 2 s later: {second}",
+        pid.trim()
+    )
+}
+
 /// Every migration's [admitted, ended) interval never overlaps more of them than a limit allows.
 fn assert_limits_kept(migrations: &[Value]) {
     let mut events: Vec<(DateTime<Utc>, i32, String, String)> = Vec::new();
@@ -378,12 +415,16 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
             .map(|d| d.join("vms/web").join(&name))
             .find(|d| d.exists())
             .unwrap_or_else(|| panic!("{name} runs somewhere"));
-        eventually(
-            "the guest counting on its target",
-            Duration::from_secs(120),
-            async || guest_console(&target).0.is_some_and(|n| n >= 10),
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while guest_console(&target).0.is_none_or(|n| n < 10) {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "{name} stopped counting on its target:\n{}",
+                    guest_report(&target)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let (_, banners) = guest_console(&target);
         if banners != 0 {
             // What the guest printed before it booted again (its kernel's last words).

@@ -2,13 +2,16 @@
 //! agent, real mutual TLS) on PostgreSQL and SQLite: a migration whose `Running` was recorded
 //! but whose send was never stored (the database or the hub went away in between) sends it when
 //! its driver resumes, instead of failing an attempt that never moved anything; one that an
-//! operator cancelled meanwhile ends with the cancel's reason and sends nothing.
+//! operator cancelled meanwhile ends with the cancel's reason and sends nothing. And the leases
+//! that let several hub replicas share the drivers: one holder per migration, taken over only
+//! once its holder stopped renewing, given back at once by a replica that stops.
 
 use std::time::Duration;
 
 use drover_e2e::agents::{eventually, join, RunningAgent};
 use drover_e2e::on_both_backends;
-use drover_e2e::testbed::{node, snapshot, vm, AgentEndpoint, Backend, TestCluster};
+use drover_e2e::testbed::{node, snapshot, vm, AgentEndpoint, Backend, TestCluster, TestHub};
+use drover_hub::leases::Leases;
 use drover_hub::migrations::QueuedMigration;
 use drover_hub::sessions::SessionTiming;
 use drover_hub::store::entities::{cluster, migration};
@@ -17,7 +20,10 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
 use uuid::Uuid;
 
-on_both_backends!(a_resumed_driver_sends_what_was_never_sent);
+on_both_backends!(
+    a_resumed_driver_sends_what_was_never_sent,
+    a_lease_has_one_holder_and_passes_on_only_when_it_runs_out
+);
 
 const TIMING: SessionTiming = SessionTiming {
     heartbeat_interval: Duration::from_secs(1),
@@ -150,4 +156,83 @@ async fn a_resumed_driver_sends_what_was_never_sent(b: Backend) {
         "a cancelled migration's send never goes out"
     );
     agent.stop().await;
+}
+
+/// Replica clocks are passed in: the lease's expiry is tested in virtual time.
+async fn a_lease_has_one_holder_and_passes_on_only_when_it_runs_out(b: Backend) {
+    let e = AgentEndpoint::start_on(b, "driver_leases", Some(TIMING))
+        .await
+        .unwrap();
+    let mut west = snapshot("west-1", 1, vec![node("node-a", 64, 32)], Vec::new());
+    west.info.sync_endpoint = Some("west-1.example:9185".into());
+    e.hub.hub.ingest.apply_snapshot(&west).await.unwrap();
+    let mut east = snapshot("east-1", 1, vec![node("node-a", 64, 32)], Vec::new());
+    east.info.sync_endpoint = Some("east-1.example:9185".into());
+    e.hub.hub.ingest.apply_snapshot(&east).await.unwrap();
+    let first = running_without_send(&e, "api-1", None).await;
+    let second = running_without_send(&e, "api-2", None).await;
+    leases_pass_on(&e.hub, first, second).await;
+}
+
+async fn leases_pass_on(hub: &TestHub, first: Uuid, second: Uuid) {
+    let store = hub.hub.store.clone();
+    let lease = Duration::from_secs(10);
+    let a = Leases::new(store.clone(), "hub-a".into(), lease);
+    let b = Leases::new(store.clone(), "hub-b".into(), lease);
+    let t0 = chrono::Utc::now();
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+    let sorted = |mut ids: Vec<Uuid>| {
+        ids.sort();
+        ids
+    };
+    let both = sorted(vec![first, second]);
+
+    let claim = a.claim(at(0)).await.unwrap();
+    assert_eq!(sorted(claim.held), both, "the first replica takes both");
+    assert!(claim.taken_over.is_empty(), "nobody held them before");
+    let claim = b.claim(at(1)).await.unwrap();
+    assert!(claim.held.is_empty(), "a held lease is not shared");
+    assert_eq!(sorted(claim.elsewhere), both);
+
+    // A renews; B finds it held until 10 s after the renewal, not after the first claim.
+    assert_eq!(a.claim(at(5)).await.unwrap().held.len(), 2);
+    assert!(
+        b.claim(at(12)).await.unwrap().held.is_empty(),
+        "renewed at 5 s, held until 15 s"
+    );
+
+    // A stops renewing: B takes both over once the lease ran out, and says from whom.
+    let claim = b.claim(at(16)).await.unwrap();
+    assert_eq!(sorted(claim.held), both);
+    let mut from: Vec<(Uuid, String)> = claim.taken_over;
+    from.sort();
+    assert_eq!(
+        from,
+        both.iter()
+            .map(|id| (*id, "hub-a".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    // A, back, learns it holds nothing any more: its drivers stop.
+    let claim = a.claim(at(17)).await.unwrap();
+    assert!(claim.held.is_empty());
+    assert_eq!(sorted(claim.elsewhere), both);
+    // Renewing is not taking over again.
+    assert!(b.claim(at(20)).await.unwrap().taken_over.is_empty());
+
+    // A migration that ended is nobody's to drive: its lease is gone.
+    migration::Entity::update_many()
+        .col_expr(migration::Column::Phase, "Succeeded".into())
+        .filter(migration::Column::Id.eq(first))
+        .exec(&store.db)
+        .await
+        .unwrap();
+    let claim = b.claim(at(21)).await.unwrap();
+    assert_eq!(claim.held, vec![second]);
+    assert!(a.claim(at(21)).await.unwrap().elsewhere == vec![second]);
+
+    // A replica that stops gives its leases back: the other takes over at once.
+    assert_eq!(b.release_all().await.unwrap(), 1);
+    let claim = a.claim(at(22)).await.unwrap();
+    assert_eq!(claim.held, vec![second]);
+    assert_eq!(claim.taken_over, vec![(second, "hub-b".to_owned())]);
 }

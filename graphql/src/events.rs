@@ -1,6 +1,8 @@
 //! Events the hub publishes to GraphQL subscriptions.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, async_graphql::Enum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, async_graphql::Enum, serde::Serialize, serde::Deserialize,
+)]
 pub enum InventoryEventKind {
     /// A full snapshot replaced the cluster's inventory.
     Snapshot,
@@ -11,7 +13,8 @@ pub enum InventoryEventKind {
 }
 
 /// One change to a cluster's inventory, as it is committed.
-#[derive(Debug, Clone, async_graphql::SimpleObject)]
+/// (Serializable: hub replicas pass events on to each other.)
+#[derive(Debug, Clone, async_graphql::SimpleObject, serde::Serialize, serde::Deserialize)]
 pub struct InventoryEvent {
     pub cluster: String,
     pub kind: InventoryEventKind,
@@ -23,7 +26,7 @@ pub struct InventoryEvent {
 }
 
 /// A migration changed phase or reported progress.
-#[derive(Debug, Clone, async_graphql::SimpleObject)]
+#[derive(Debug, Clone, async_graphql::SimpleObject, serde::Serialize, serde::Deserialize)]
 pub struct MigrationEvent {
     pub migration_id: async_graphql::ID,
     /// The evacuation or rebalance it belongs to, if any.

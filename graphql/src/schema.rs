@@ -83,7 +83,8 @@ fn reader<'a>(ctx: &'a Context<'_>) -> &'a Reader {
 }
 
 /// A 64-bit integer (bytes, millicores, generations), sent as a JSON number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Long(pub i64);
 
 /// A 64-bit integer such as a size in bytes or CPU in millicores; a JSON number (exact up to
@@ -149,7 +150,7 @@ pub enum RunStrategy {
     WaitAsReceiver,
 }
 
-#[derive(Enum, Copy, Clone, Debug, Eq, PartialEq)]
+#[derive(Enum, Copy, Clone, Debug, Eq, PartialEq, serde::Serialize, serde::Deserialize)]
 #[graphql(remote = "drover_shared::inventory::MigrationPhase")]
 pub enum MigrationPhase {
     Pending,

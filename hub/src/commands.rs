@@ -11,6 +11,7 @@ use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio::sync::broadcast;
 
+use crate::replicas::{Notice, ReplicaBus};
 use crate::store::entities::agent_command;
 use crate::store::{Store, StoreError};
 
@@ -80,9 +81,12 @@ impl StoredCommand {
     }
 
     /// When this command is due to be sent again if still unacknowledged: 5 s after the first
-    /// send, doubling up to a minute (a command that takes long to run is not hammered).
+    /// send, doubling up to a minute (a command that takes long to run is not hammered). One
+    /// never sent (its cluster's session was on no replica then) is due at once.
     pub fn resend_due(&self) -> Option<DateTime<Utc>> {
-        let sent = self.sent_at?;
+        let Some(sent) = self.sent_at else {
+            return Some(self.created_at);
+        };
         let backoff = RESEND_AFTER
             .saturating_mul(1 << self.send_count.clamp(1, 8).saturating_sub(1))
             .min(MAX_RESEND_AFTER);
@@ -92,6 +96,9 @@ impl StoredCommand {
 
 /// First re-send of an unacknowledged command.
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// A command no session sent this long after it was stored (its agent's session was on no
+/// replica, or a notice to the replica with the session was lost) is sent by the sweep.
+const NEVER_SENT_AFTER: Duration = Duration::from_secs(2);
 const MAX_RESEND_AFTER: Duration = Duration::from_secs(60);
 /// How many due commands one re-send sweep looks at.
 const RESEND_BATCH: u64 = 5_000;
@@ -123,12 +130,28 @@ pub struct Acked {
 pub struct CommandStore {
     store: Store,
     acked: broadcast::Sender<Acked>,
+    /// Tells the other hub replicas of new commands and acknowledgements.
+    replicas: ReplicaBus,
 }
 
 impl CommandStore {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, replicas: ReplicaBus) -> Self {
         let (acked, _) = broadcast::channel(4096);
-        Self { store, acked }
+        Self {
+            store,
+            acked,
+            replicas,
+        }
+    }
+
+    /// What tells the other hub replicas.
+    pub fn replicas(&self) -> &ReplicaBus {
+        &self.replicas
+    }
+
+    /// Wakes whoever waits on this replica for `key` (another replica took the answer).
+    pub fn announce_acked(&self, cluster: String, key: String) {
+        let _ = self.acked.send(Acked { cluster, key });
     }
 
     pub fn store(&self) -> &Store {
@@ -187,6 +210,11 @@ impl CommandStore {
         if inserted > 0 {
             metrics::counter!("drover_commands_submitted_total", "kind" => command.kind())
                 .increment(1);
+            // The agent's session may be on another replica.
+            self.replicas.tell(Notice::Command {
+                cluster: cluster.to_string(),
+                key: key.to_owned(),
+            });
         }
         Ok((stored, inserted > 0))
     }
@@ -214,13 +242,24 @@ impl CommandStore {
             .collect()
     }
 
-    /// Unacknowledged commands sent at least `RESEND_AFTER` ago, oldest first (callers check
-    /// each one's own backoff with `resend_due`).
+    /// Unacknowledged commands sent at least `RESEND_AFTER` ago, or never sent and stored at
+    /// least `NEVER_SENT_AFTER` ago, oldest first (callers check each one's own backoff with
+    /// `resend_due`).
     pub async fn unacknowledged(&self) -> Result<Vec<StoredCommand>, StoreError> {
-        let cutoff = Utc::now() - chrono::Duration::from_std(RESEND_AFTER).unwrap_or_default();
+        let now = Utc::now();
+        let cutoff = now - chrono::Duration::from_std(RESEND_AFTER).unwrap_or_default();
+        let unsent_cutoff = now - chrono::Duration::from_std(NEVER_SENT_AFTER).unwrap_or_default();
         agent_command::Entity::find()
             .filter(agent_command::Column::State.eq(CommandState::Pending.as_str()))
-            .filter(agent_command::Column::SentAt.lt(cutoff))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(agent_command::Column::SentAt.lt(cutoff))
+                    .add(
+                        sea_orm::Condition::all()
+                            .add(agent_command::Column::SentAt.is_null())
+                            .add(agent_command::Column::CreatedAt.lt(unsent_cutoff)),
+                    ),
+            )
             .order_by_asc(agent_command::Column::Id)
             .limit(RESEND_BATCH)
             .all(&self.store.db)
@@ -277,13 +316,18 @@ impl CommandStore {
                 cluster: cluster.to_owned(),
                 key: key.to_owned(),
             });
+            self.replicas.tell(Notice::Acked {
+                cluster: cluster.to_owned(),
+                key: key.to_owned(),
+            });
         }
         Ok(updated > 0)
     }
 
     /// Waits up to `wait` for `key` to be acknowledged and returns the command as it then is
     /// (still Pending when the agent did not answer in time). Acknowledgements taken by another
-    /// hub replica are seen by polling the table once a second.
+    /// hub replica are announced by it
+    /// (`replicas`) and, should that notice be lost, seen by polling the table once a second.
     pub async fn wait(
         &self,
         cluster: &str,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_graphql::{build_schema, DroverSchema, InventoryEvent, SchemaLimits};
+use drover_graphql::{build_schema, DroverSchema, InventoryEvent, MigrationEvent, SchemaLimits};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
@@ -13,8 +13,10 @@ use crate::agent_endpoint::{self, TlsListener};
 use crate::commands::CommandStore;
 use crate::identity::Identities;
 use crate::ingest::Ingest;
+use crate::leases::Leases;
 use crate::pki::{Pki, PkiError};
 use crate::read::StoreReader;
+use crate::replicas::{Receivers, ReplicaBus};
 use crate::server::{self, App};
 use crate::sessions::{SessionTiming, Sessions};
 use crate::store::{redact, Store, StoreError};
@@ -30,13 +32,45 @@ pub struct Hub {
     pub scheduler: crate::scheduler::Scheduler,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
+    pub migration_events: broadcast::Sender<MigrationEvent>,
+    /// What this replica tells the others on one PostgreSQL, and hears from them.
+    pub replicas: ReplicaBus,
+}
+
+/// Who this hub is among the replicas on one database.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// Recorded on the leases of the migrations it drives.
+    pub name: String,
+    /// How long another replica waits for this one to renew a lease before taking over.
+    pub lease: Duration,
+}
+
+impl Default for ReplicaSettings {
+    /// A fresh name (a process that restarts under it takes its own migrations back at once;
+    /// under a new one, after the lease time).
+    fn default() -> Self {
+        Self {
+            name: format!("hub-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            lease: crate::leases::DEFAULT_LEASE,
+        }
+    }
 }
 
 impl Hub {
     /// Opens the store (migrating it) and assembles the hub around it.
     pub async fn open(database_url: &str, pki: Arc<Pki>) -> Result<Self, StoreError> {
+        Self::open_as(database_url, pki, ReplicaSettings::default()).await
+    }
+
+    /// Opens the store (migrating it) and assembles the hub as the replica `replica`.
+    pub async fn open_as(
+        database_url: &str,
+        pki: Arc<Pki>,
+        replica: ReplicaSettings,
+    ) -> Result<Self, StoreError> {
         let store = Store::open(database_url).await?;
-        Ok(Self::with_store(store, pki))
+        Ok(Self::with_store_as(store, pki, replica))
     }
 
     /// Opens the store, waiting for the database to come up (with backoff) for at most `wait`.
@@ -44,13 +78,14 @@ impl Hub {
         database_url: &str,
         pki: Arc<Pki>,
         wait: Duration,
+        replica: ReplicaSettings,
     ) -> Result<Self, StoreError> {
         let deadline = tokio::time::Instant::now() + wait;
         let cap = Duration::from_secs(5);
         let mut delays = crate::retry::delays(Duration::from_millis(200), cap);
         loop {
             let backoff = crate::retry::next(&mut delays, cap);
-            match Self::open(database_url, pki.clone()).await {
+            match Self::open_as(database_url, pki.clone(), replica.clone()).await {
                 Ok(hub) => return Ok(hub),
                 Err(e @ (StoreError::Connect { .. } | StoreError::Unavailable(_)))
                     if tokio::time::Instant::now() + backoff < deadline =>
@@ -64,11 +99,16 @@ impl Hub {
     }
 
     pub fn with_store(store: Store, pki: Arc<Pki>) -> Self {
+        Self::with_store_as(store, pki, ReplicaSettings::default())
+    }
+
+    pub fn with_store_as(store: Store, pki: Arc<Pki>, replica: ReplicaSettings) -> Self {
         let (events, _) = broadcast::channel(1024);
+        let replicas = ReplicaBus::new(&replica.name, store.backend());
         let reader = Arc::new(StoreReader::new(store.clone()));
         let identities = Identities::new(store.clone(), pki);
-        let ingest = Ingest::new(store.clone(), events.clone());
-        let commands = CommandStore::new(store.clone());
+        let ingest = Ingest::new(store.clone(), events.clone(), replicas.clone());
+        let commands = CommandStore::new(store.clone(), replicas.clone());
         let (migration_events, _) = broadcast::channel(4096);
         let sessions = Sessions::new(
             ingest.clone(),
@@ -81,6 +121,7 @@ impl Hub {
             commands.clone(),
             sessions.clone(),
             migration_events.clone(),
+            Leases::new(store.clone(), replica.name, replica.lease),
         );
         let scheduler = crate::scheduler::Scheduler::new(
             store.clone(),
@@ -99,7 +140,7 @@ impl Hub {
             reader,
             admin,
             events.clone(),
-            migration_events,
+            migration_events.clone(),
             SchemaLimits::default(),
         );
         Self {
@@ -112,7 +153,21 @@ impl Hub {
             scheduler,
             schema,
             events,
+            migration_events,
+            replicas,
         }
+    }
+
+    /// Tells the other replicas what this one does and passes on what they do, until
+    /// `shutdown` resolves (at once on SQLite).
+    pub async fn run_replicas(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let to = Receivers {
+            commands: self.commands.clone(),
+            sessions: self.sessions.clone(),
+            migration_events: self.migration_events.clone(),
+            inventory_events: self.events.clone(),
+        };
+        self.replicas.run(self.store.clone(), to, shutdown).await;
     }
 
     /// The agent endpoint's TLS listener on `tcp`, with a server certificate for `names`.

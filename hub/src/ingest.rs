@@ -65,6 +65,8 @@ pub struct IngestOutcome {
 pub struct Ingest {
     store: Store,
     events: broadcast::Sender<InventoryEvent>,
+    /// Tells the other hub replicas' subscribers.
+    replicas: crate::replicas::ReplicaBus,
     /// SQLite allows one writer; taking turns here avoids busy retries inside one hub.
     sqlite_writer: Option<Arc<Mutex<()>>>,
 }
@@ -129,11 +131,16 @@ fn vm_model(cluster_id: Uuid, id: Uuid, v: &VmInfo, now: DateTime<Utc>) -> vm::A
 }
 
 impl Ingest {
-    pub fn new(store: Store, events: broadcast::Sender<InventoryEvent>) -> Self {
+    pub fn new(
+        store: Store,
+        events: broadcast::Sender<InventoryEvent>,
+        replicas: crate::replicas::ReplicaBus,
+    ) -> Self {
         let sqlite_writer = matches!(store.backend(), DbBackend::Sqlite).then(Default::default);
         Self {
             store,
             events,
+            replicas,
             sqlite_writer,
         }
     }
@@ -479,14 +486,18 @@ impl Ingest {
         changes: usize,
         at: DateTime<Utc>,
     ) {
-        // No subscriber is fine: the event is only news.
-        let _ = self.events.send(InventoryEvent {
+        // No subscriber is fine: the event is only news (here and on the other replicas).
+        let event = InventoryEvent {
             cluster: cluster.to_owned(),
             kind,
             generation: drover_graphql::schema::Long(generation),
             changes: changes.min(i32::MAX as usize) as i32,
             at,
+        };
+        self.replicas.tell(crate::replicas::Notice::Inventory {
+            event: event.clone(),
         });
+        let _ = self.events.send(event);
     }
 }
 

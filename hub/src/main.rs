@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use drover_hub::hub::ReplicaSettings;
 use drover_hub::pki::Pki;
 use drover_hub::seed::SeedPlan;
 use drover_hub::store::{redact, sqlite_url};
@@ -59,6 +60,23 @@ struct DatabaseArgs {
     /// http://collector:4318; spans go to /v1/traces). Without it nothing is exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
+    /// This hub's name among replicas on one PostgreSQL (recorded on the leases of the
+    /// migrations it drives). Without it a name is made once and kept in --data-dir.
+    #[arg(long, env = "DROVER_REPLICA_NAME", global = true, value_parser = parse_replica_name)]
+    replica_name: Option<String>,
+    /// Seconds another replica waits for this one to renew its leases before it takes this
+    /// one's migrations over (the hub renews them every second).
+    #[arg(long, env = "DROVER_LEASE_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600), global = true)]
+    lease_secs: u64,
+}
+
+fn parse_replica_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 200 || !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "{s:?} is not a usable replica name: use 1 to 200 printable ASCII characters without spaces"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,9 +245,26 @@ impl DatabaseArgs {
         let url = self.url()?;
         let pki = self.pki()?;
         tracing::info!(database = %redact(&url), "opening inventory store");
-        Hub::open_waiting(&url, pki, Duration::from_secs(self.database_wait_secs))
-            .await
-            .context("cannot open the inventory store")
+        let name = drover_hub::leases::replica_name(self.replica_name.as_deref(), &self.data_dir)
+            .with_context(|| {
+                format!(
+                    "cannot keep this replica's name in {}; pass --replica-name or a writable --data-dir",
+                    self.data_dir.display()
+                )
+            })?;
+        let replica = ReplicaSettings {
+            name,
+            lease: Duration::from_secs(self.lease_secs),
+        };
+        tracing::info!(replica = %replica.name, lease = ?replica.lease, "hub replica");
+        Hub::open_waiting(
+            &url,
+            pki,
+            Duration::from_secs(self.database_wait_secs),
+            replica,
+        )
+        .await
+        .context("cannot open the inventory store")
     }
 }
 
@@ -312,10 +347,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             let api = hub.serve(listener, stopped(stop_rx.clone()));
             let agent_api = hub.serve_agents(agents, stopped(stop_rx.clone()));
+            let replicas = hub.run_replicas(stopped(stop_rx.clone()));
             let background = hub.run_scheduler(stopped(stop_rx));
-            let work = async { tokio::join!(api, agent_api, background) };
+            let work = async { tokio::join!(api, agent_api, background, replicas) };
             tokio::pin!(work);
-            let (api, agent_api, ()) = tokio::select! {
+            let (api, agent_api, (), ()) = tokio::select! {
                 ended = &mut work => ended,
                 () = shutdown_signal() => {
                     // Drain within a bound: open subscriptions and agent sessions end, the

@@ -98,8 +98,13 @@ pub struct Migrations {
     store: Store,
     commands: CommandStore,
     sessions: Sessions,
-    /// The migrations this process drives (one driver each).
-    driving: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Uuid>>>,
+    /// The migrations this process drives (one driver each), each with the token that stops
+    /// its driver when another replica took it over.
+    driving: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<Uuid, tokio_util::sync::CancellationToken>>,
+    >,
+    /// Which migrations this replica may drive.
+    leases: crate::leases::Leases,
     /// Owns every driver task; `stop_drivers` ends them and waits for them.
     tasks: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
@@ -139,12 +144,14 @@ impl Migrations {
         commands: CommandStore,
         sessions: Sessions,
         events: broadcast::Sender<MigrationEvent>,
+        leases: crate::leases::Leases,
     ) -> Self {
         Self {
             store,
             commands,
             sessions,
             driving: std::sync::Arc::default(),
+            leases,
             tasks: tokio_util::task::TaskTracker::new(),
             stop: tokio_util::sync::CancellationToken::new(),
             wake: std::sync::Arc::default(),
@@ -154,16 +161,35 @@ impl Migrations {
 
     /// Ends every driver (each at its next await; the rows say where it was, so the next hub
     /// takes over) and waits up to `within` for them. True when all ended in time.
+    /// Its leases are given up then, so another replica takes over at once.
     pub async fn stop_drivers(&self, within: Duration) -> bool {
         self.stop.cancel();
         self.tasks.close();
-        tokio::time::timeout(within, self.tasks.wait())
+        let stopped = tokio::time::timeout(within, self.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        match tokio::time::timeout(within, self.leases.release_all()).await {
+            Ok(Ok(released)) => tracing::info!(released, "driver leases given up"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give up the driver leases; they run out instead")
+            }
+            Err(_) => tracing::warn!("giving up the driver leases timed out; they run out instead"),
+        }
+        stopped
+    }
+
+    /// This replica's leases.
+    pub fn leases(&self) -> &crate::leases::Leases {
+        &self.leases
     }
 
     /// Tells `migrationEvents` subscribers.
     pub fn publish(&self, event: MigrationEvent) {
+        self.commands
+            .replicas()
+            .tell(crate::replicas::Notice::Migration {
+                event: event.clone(),
+            });
         let _ = self.events.send(event);
     }
 
@@ -330,29 +356,37 @@ impl Migrations {
         Ok(id)
     }
 
-    /// Drives every in-flight migration that has no driver in this process (after a hub
-    /// restart, or a start whose database was away); returns how many it picked up.
+    /// Claims the in-flight migrations this replica may drive (its own, those never driven,
+    /// and those whose replica's lease ran out) and drives each one it does not drive yet;
+    /// stops driving those another replica took over. Returns how many drivers it started.
     pub async fn resume(&self) -> Result<usize, StoreError> {
-        let rows = migration::Entity::find()
-            .filter(
-                migration::Column::Phase
-                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
-            )
-            .all(&self.store.db)
-            .await?;
+        let claim = self.leases.claim(Utc::now()).await?;
+        for (id, from) in &claim.taken_over {
+            metrics::counter!("drover_lease_takeovers_total").increment(1);
+            tracing::warn!(migration = %id, from = %from, replica = %self.leases.replica(), "took over a migration whose replica stopped renewing its lease");
+        }
+        for id in &claim.elsewhere {
+            let token = self
+                .driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id)
+                .cloned();
+            if let Some(token) = token {
+                tracing::warn!(migration = %id, "another replica holds this migration's lease now; stopping its driver here");
+                token.cancel();
+            }
+        }
         let mut resumed = 0;
-        for row in &rows {
-            if self.spawn(row.id) {
-                tracing::info!(migration = %row.id, phase = %row.phase, "resuming an in-flight migration");
+        for id in &claim.held {
+            if self.spawn(*id) {
+                tracing::info!(migration = %id, "driving an in-flight migration");
                 resumed += 1;
             }
         }
+        let driving = self.driving.lock().unwrap_or_else(|e| e.into_inner()).len();
+        metrics::gauge!("drover_migrations_driven").set(driving as f64);
         Ok(resumed)
-    }
-
-    /// Drives a migration the scheduler just admitted.
-    pub fn drive_admitted(&self, id: Uuid) {
-        self.spawn(id);
     }
 
     /// Whether the agent carried out command `key` successfully.
@@ -367,27 +401,30 @@ impl Migrations {
     /// Starts the migration's driver unless this process drives it already. The task is owned
     /// by `tasks` and ends when the migration does, or when the hub stops.
     fn spawn(&self, id: Uuid) -> bool {
-        if self.stop.is_cancelled()
-            || !self
-                .driving
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id)
+        let token = self.stop.child_token();
         {
-            return false;
+            let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
+            if self.stop.is_cancelled() || driving.contains_key(&id) {
+                return false;
+            }
+            driving.insert(id, token.clone());
         }
         let this = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 () = this.drive_until_settled(id) => {}
-                () = this.stop.cancelled() => {
-                    tracing::info!(migration = %id, "driver stopped with the hub; the next start resumes it from its row");
+                () = token.cancelled() => {
+                    tracing::info!(migration = %id, "driver stopped (the hub stops, or another replica drives it); its row says where it was");
                 }
             }
-            this.driving
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            // Unless a newer driver of this migration took the place of a stopped one.
+            let mut driving = this.driving.lock().unwrap_or_else(|e| e.into_inner());
+            if driving
+                .get(&id)
+                .is_some_and(|t| t.is_cancelled() == token.is_cancelled())
+            {
+                driving.remove(&id);
+            }
         });
         true
     }
@@ -866,6 +903,7 @@ fn left_in_phase(row: &migration::Model, phase: MigrationPhase, limit: Duration)
 pub async fn record_status(
     store: &Store,
     events: &broadcast::Sender<MigrationEvent>,
+    replicas: &crate::replicas::ReplicaBus,
     from: &ClusterName,
     status: &MigrationStatus,
 ) -> Result<(), StoreError> {
@@ -898,13 +936,18 @@ pub async fn record_status(
             .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
             .exec(&store.db)
             .await?;
-        if events.receiver_count() > 0 {
+        // Subscribers here, or on other replicas, see it.
+        if events.receiver_count() > 0 || replicas.is_shared() {
             if let Some(row) = migration::Entity::find_by_id(status.migration_id.0)
                 .one(&store.db)
                 .await?
                 .filter(|r| r.phase == MigrationPhase::Running.as_str())
             {
-                let _ = events.send(event_of(&row, MigrationPhase::Running, Some(&p), None));
+                let event = event_of(&row, MigrationPhase::Running, Some(&p), None);
+                replicas.tell(crate::replicas::Notice::Migration {
+                    event: event.clone(),
+                });
+                let _ = events.send(event);
             }
         }
         Ok(())

@@ -128,16 +128,18 @@ impl Scheduler {
     /// One round: retries what may be retried, admits what fits, ends finished evacuations.
     pub async fn round(&self) -> Result<(), StoreError> {
         let settings = self.settings();
-        // Every in-flight migration has a driver here (one whose start found the database
-        // away, or whose hub restarted, is picked up again).
+        // Renew this replica's leases and drive what it holds: every in-flight migration has
+        // a driver on exactly one replica (one whose start found the database away, whose hub
+        // restarted, or whose replica died is picked up again).
         let resumed = self.migrations.resume().await?;
         if resumed > 0 {
             tracing::info!(resumed, "drivers resumed");
         }
         crate::evacuations::retry_failed(&self.store, &self.migrations, &settings).await?;
         let admitted = self.admit().await?;
-        for id in admitted {
-            self.migrations.drive_admitted(id);
+        if !admitted.is_empty() {
+            // What this round admitted is driven here, unless another replica claimed it first.
+            self.migrations.resume().await?;
         }
         crate::evacuations::finish_ended(&self.store, settings.max_attempts).await?;
         Ok(())

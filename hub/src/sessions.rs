@@ -376,6 +376,7 @@ impl Sessions {
                 if let Err(e) = crate::migrations::record_status(
                     self.commands.store(),
                     &self.migration_events,
+                    self.commands.replicas(),
                     cluster,
                     &status,
                 )

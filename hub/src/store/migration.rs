@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0001Inventory),
             Box::new(M0002AgentCommands),
             Box::new(M0003Scheduling),
+            Box::new(M0004DriverLeases),
         ]
     }
 }
@@ -532,5 +533,41 @@ impl MigrationTrait for M0003Scheduling {
             .await?;
         }
         Ok(())
+    }
+}
+
+pub struct M0004DriverLeases;
+
+impl MigrationName for M0004DriverLeases {
+    fn name(&self) -> &str {
+        "m0004_driver_leases"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0004DriverLeases {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // Which hub replica drives each in-flight migration, until when (`leases`). Times are
+        // milliseconds since the epoch on the replicas' clocks: one comparison on both backends.
+        m.create_table(
+            Table::create()
+                .table(a("migration_leases"))
+                .col(uuid(a("migration_id")).primary_key())
+                .col(string_len(a("owner"), 200))
+                .col(big_integer(a("expires_at_ms")))
+                // When the current owner took it, and from whom (a takeover).
+                .col(big_integer(a("acquired_at_ms")))
+                .col(string_len_null(a("previous_owner"), 200))
+                .foreign_key(&mut fk("migration_leases", "migration_id", "migrations"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("migration_leases", "owner", &["owner"], false))
+            .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(a("migration_leases")).to_owned())
+            .await
     }
 }
