@@ -3,9 +3,11 @@
 
 pub mod agents;
 pub mod direct_migration;
+pub mod guest_fleet;
 pub mod logs;
 pub mod otlp;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
+pub mod subscription;
 pub mod testbed;

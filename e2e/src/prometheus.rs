@@ -62,7 +62,7 @@ impl Prometheus {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
-        prometheus.scrape(target)?;
+        prometheus.scrape(&[target])?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let ready = prometheus
@@ -84,11 +84,11 @@ impl Prometheus {
         }
     }
 
-    /// Scrapes `target` (`host:port`) from now on instead of the previous one.
-    pub fn scrape(&mut self, target: &str) -> anyhow::Result<()> {
+    /// Scrapes `targets` (`host:port` each) from now on instead of the previous ones.
+    pub fn scrape(&mut self, targets: &[&str]) -> anyhow::Result<()> {
         let file = targets_file(self.dir.path());
         let next = file.with_extension("json.new");
-        std::fs::write(&next, json!([{"targets": [target]}]).to_string())?;
+        std::fs::write(&next, json!([{"targets": targets}]).to_string())?;
         // Renamed into place: Prometheus never reads a half-written file.
         std::fs::rename(next, file)?;
         Ok(())

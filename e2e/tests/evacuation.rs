@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use drover_e2e::agents::eventually;
+use drover_e2e::guest_fleet::{assert_resumed, declare_guest, vms_on};
 use drover_e2e::postgres::PgCluster;
 use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
 use drover_e2e::prometheus::Prometheus;
@@ -43,23 +44,6 @@ async fn gql(hub: &HubProcess, query: &str, variables: Value) -> Value {
     hub.gql(query, variables).await
 }
 
-fn declare(data_dir: &Path, guest: &Path, index: usize) {
-    let name = format!("app-{index}");
-    let dir = data_dir.join("vms/web").join(&name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let spec = json!({
-        "namespace": "web", "name": name, "memoryBytes": 128u64 << 20, "vcpus": 1,
-        "disks": [{"name": "root", "sizeBytes": 16u64 << 20}],
-        "interfaces": [{"name": "nic0", "network": "default", "mac": format!("02:00:00:00:e0:{index:02x}")}],
-        "runStrategy": "Always",
-        "boot": {
-            "kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"),
-            "cmdline": "console=ttyS0 quiet panic=-1 drover.dirty_mib_per_s=1 drover.dirty_buffer_mib=8",
-        },
-    });
-    std::fs::write(dir.join("vm.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
-}
-
 async fn start_agent(
     dir: &Path,
     hub: &HubProcess,
@@ -81,72 +65,12 @@ async fn start_agent(
     .await
 }
 
-async fn vms_on(hub: &HubProcess, cluster: &str) -> Vec<(String, String)> {
-    let v = gql(
-        hub,
-        r#"query($c: String!) { virtualMachines(first: 100, filter: {cluster: $c}) { edges { node { name phase } } } }"#,
-        json!({"c": cluster}),
-    )
-    .await;
-    v["data"]["virtualMachines"]["edges"]
-        .as_array()
-        .map(|edges| {
-            edges
-                .iter()
-                .map(|e| {
-                    (
-                        e["node"]["name"].as_str().unwrap_or_default().to_owned(),
-                        e["node"]["phase"].as_str().unwrap_or_default().to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 const EVACUATION: &str = r#"query($id: ID!) { evacuation(id: $id) { state
   counters { planned queued running succeeded failed cannotMove } } }"#;
 
 const MIGRATIONS: &str = r#"query($e: ID!) { migrations(first: 100, filter: {evacuationId: $e}) {
   edges { node { id phase attempt virtualMachine { name } sourceClusterName targetClusterName failureReason
   phaseTimestamps { phase at } } } } }"#;
-
-/// What a guest that went wrong on its target shows: the end of its console, what QEMU
-/// printed, and whether its QEMU still burns CPU (a vCPU spinning) or sits idle.
-fn guest_report(vm_dir: &Path) -> String {
-    let console = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
-    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-    let qemu_log = std::fs::read_to_string(vm_dir.join("qemu.log")).unwrap_or_default();
-    let pid = std::fs::read_to_string(vm_dir.join("qemu.pid")).unwrap_or_default();
-    let cpu = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-            .ok()
-            .map(|stat| {
-                let fields: Vec<&str> = stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .collect();
-                // state, utime, stime (clock ticks)
-                format!(
-                    "state {} utime {} stime {}",
-                    fields.first().unwrap_or(&"?"),
-                    fields.get(11).unwrap_or(&"?"),
-                    fields.get(12).unwrap_or(&"?")
-                )
-            })
-            .unwrap_or_else(|| "no such process".into())
-    };
-    let first = cpu(&pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let second = cpu(&pid);
-    format!(
-        "console (last 30 lines):\n{tail}\nqemu.log:\n{qemu_log}\nQEMU pid {}: {first}; 2 s later: {second}",
-        pid.trim()
-    )
-}
 
 /// Every migration's [admitted, ended) interval never overlaps more of them than a limit allows.
 fn assert_limits_kept(migrations: &[Value]) {
@@ -208,7 +132,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     let _reaper = QemuReaper(dirs.iter().map(|d| d.path().into()).collect());
     let (east_dir, west_dir, north_dir) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
     for i in 0..VMS {
-        declare(east_dir, &guest, i);
+        declare_guest(east_dir, &guest, i);
     }
     let pg = PgCluster::start_dedicated().await.unwrap();
     let url = pg.create_database("evacuation").await.unwrap();
@@ -353,7 +277,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     hub.child.start_kill().unwrap();
     hub.child.wait().await.unwrap();
     hub = HubProcess::start_with_args(hub_dir.path(), Some(&url), agent_port, &args).await;
-    prometheus.scrape(&target(&hub)).unwrap();
+    prometheus.scrape(&[&target(&hub)]).unwrap();
 
     let mut last = Value::Null;
     eventually(
@@ -415,30 +339,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
             .map(|d| d.join("vms/web").join(&name))
             .find(|d| d.exists())
             .unwrap_or_else(|| panic!("{name} runs somewhere"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while guest_console(&target).0.is_none_or(|n| n < 10) {
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "{name} stopped counting on its target:\n{}",
-                    guest_report(&target)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let (_, banners) = guest_console(&target);
-        if banners != 0 {
-            // What the guest printed before it booted again (its kernel's last words).
-            let console = std::fs::read_to_string(target.join("serial.log")).unwrap_or_default();
-            let lines: Vec<&str> = console.lines().collect();
-            let boot = lines
-                .iter()
-                .position(|l| l.contains("drover-guest: up"))
-                .unwrap_or(lines.len());
-            panic!(
-                "{name} booted on its target instead of resuming; its console before that boot:\n{}",
-                lines[boot.saturating_sub(40)..(boot + 3).min(lines.len())].join("\n")
-            );
-        }
+        assert_resumed(&name, &target).await;
     }
     eventually(
         "the hub sees every VM on its target",
