@@ -282,13 +282,15 @@ pub async fn start(
     }
     .insert(&tx)
     .await?;
-    tx.commit().await?;
+    // Its migrations land with it: a scheduler round never sees the evacuation without them
+    // (and would end it as done).
     let clusters: HashMap<String, Uuid> = cluster::Entity::find()
-        .all(&store.db)
+        .all(&tx)
         .await?
         .into_iter()
         .map(|c| (c.name, c.id))
         .collect();
+    let mut queued = Vec::with_capacity(plan.moves.len());
     for m in &plan.moves {
         let (Some(&source), Some(&target)) = (
             clusters.get(m.vm.cluster.as_str()),
@@ -296,26 +298,30 @@ pub async fn start(
         ) else {
             continue;
         };
-        migrations
-            .enqueue_with_id(
-                m.id,
-                QueuedMigration {
-                    vm_uid: m.vm_uid.clone(),
-                    namespace: m.vm.namespace.to_string(),
-                    name: m.vm.name.to_string(),
-                    source_cluster: (source, m.vm.cluster.to_string()),
-                    target_cluster: (target, m.target_cluster.to_string()),
-                    target_namespace: m.target_namespace.clone(),
-                    source_node: m.source_node.clone(),
-                    planned_bytes: m.bytes.min(i64::MAX as u64) as i64,
-                    options: m.options,
-                    evacuation_id: Some(id),
-                    queue_position: m.position.min(i64::MAX as u64) as i64,
-                    attempt: 1,
-                },
-                actor,
-            )
-            .await?;
+        let q = QueuedMigration {
+            vm_uid: m.vm_uid.clone(),
+            namespace: m.vm.namespace.to_string(),
+            name: m.vm.name.to_string(),
+            source_cluster: (source, m.vm.cluster.to_string()),
+            target_cluster: (target, m.target_cluster.to_string()),
+            target_namespace: m.target_namespace.clone(),
+            source_node: m.source_node.clone(),
+            planned_bytes: m.bytes.min(i64::MAX as u64) as i64,
+            options: m.options,
+            evacuation_id: Some(id),
+            queue_position: m.position.min(i64::MAX as u64) as i64,
+            attempt: 1,
+        };
+        if crate::migrations::insert_queued(&tx, m.id, &q, actor).await? {
+            queued.push(m.id);
+        }
+    }
+    tx.commit().await?;
+    for migration in queued {
+        // Stored already: a failure here only delays the news (the scheduler ticks anyway).
+        if let Err(e) = migrations.announce_queued(migration).await {
+            tracing::warn!(%migration, error = %e, "could not announce a queued migration");
+        }
     }
     tracing::info!(evacuation = %id, kind, moves = plan.moves.len(), cannot_move = plan.cannot_move.len(), "started");
     Ok(id)

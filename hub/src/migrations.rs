@@ -298,62 +298,23 @@ impl Migrations {
         q: QueuedMigration,
         actor: &str,
     ) -> Result<Uuid, StoreError> {
-        let now = Utc::now();
-        let stamps = BTreeMap::from([(MigrationPhase::Pending.as_str().to_owned(), now)]);
-        let row = migration::ActiveModel {
-            id: Set(id),
-            vm_namespace: Set(q.namespace.clone()),
-            vm_name: Set(q.name.clone()),
-            vm_uid: Set(q.vm_uid.clone()),
-            source_cluster_id: Set(Some(q.source_cluster.0)),
-            target_cluster_id: Set(Some(q.target_cluster.0)),
-            source_cluster_name: Set(q.source_cluster.1.clone()),
-            target_cluster_name: Set(q.target_cluster.1.clone()),
-            target_namespace: Set(q.target_namespace.clone()),
-            storage_class_map: Set(json!({})),
-            network_map: Set(json!({})),
-            phase: Set(MigrationPhase::Pending.as_str().to_owned()),
-            phase_timestamps: Set(json!(stamps)),
-            bytes_total: Set(0),
-            bytes_transferred: Set(0),
-            bytes_remaining: Set(0),
-            dirty_rate_bytes_per_sec: Set(0),
-            throughput_bytes_per_sec: Set(0),
-            failure_reason: Set(None),
-            attempt: Set(q.attempt),
-            evacuation_id: Set(q.evacuation_id),
-            trace_id: Set(Some(migration_trace::trace_id_text(id))),
-            requested_by: Set(actor.to_owned()),
-            created_at: Set(now),
-            updated_at: Set(now),
-            finished_at: Set(None),
-            queue_position: Set(q.queue_position),
-            source_node: Set(q.source_node.clone()),
-            planned_bytes: Set(q.planned_bytes),
-            bandwidth_bytes_per_sec: Set(
-                q.options.bandwidth_bytes_per_sec.min(i64::MAX as u64) as i64
-            ),
-            options: Set(Some(json!(q.options))),
-        };
-        let inserted = migration::Entity::insert(row)
-            .on_conflict(
-                sea_orm::sea_query::OnConflict::column(migration::Column::Id)
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&self.store.db)
-            .await?;
-        if inserted > 0 {
-            if let Some(row) = migration::Entity::find_by_id(id)
-                .one(&self.store.db)
-                .await?
-            {
-                self.publish(event_of(&row, MigrationPhase::Pending, None, None));
-            }
-            tracing::info!(migration = %id, vm = %format!("{}/{}", q.namespace, q.name), source = %q.source_cluster.1, target = %q.target_cluster.1, "migration queued");
-            self.wake.notify_one();
+        if insert_queued(&self.store.db, id, &q, actor).await? {
+            self.announce_queued(id).await?;
         }
         Ok(id)
+    }
+
+    /// Tells subscribers and the scheduler of a migration just queued (after its commit).
+    pub async fn announce_queued(&self, id: Uuid) -> Result<(), StoreError> {
+        if let Some(row) = migration::Entity::find_by_id(id)
+            .one(&self.store.db)
+            .await?
+        {
+            self.publish(event_of(&row, MigrationPhase::Pending, None, None));
+            tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration queued");
+        }
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Claims the in-flight migrations this replica may drive (its own, those never driven,
@@ -885,6 +846,60 @@ impl Migrations {
         self.cleanup(&row).await?;
         Ok(())
     }
+}
+
+/// Stores migration `id` as queued (`Pending`) through `db` (a transaction, when it must land
+/// together with what it belongs to); false when a migration with that id exists already.
+pub async fn insert_queued(
+    db: &impl sea_orm::ConnectionTrait,
+    id: Uuid,
+    q: &QueuedMigration,
+    actor: &str,
+) -> Result<bool, StoreError> {
+    let now = Utc::now();
+    let stamps = BTreeMap::from([(MigrationPhase::Pending.as_str().to_owned(), now)]);
+    let row = migration::ActiveModel {
+        id: Set(id),
+        vm_namespace: Set(q.namespace.clone()),
+        vm_name: Set(q.name.clone()),
+        vm_uid: Set(q.vm_uid.clone()),
+        source_cluster_id: Set(Some(q.source_cluster.0)),
+        target_cluster_id: Set(Some(q.target_cluster.0)),
+        source_cluster_name: Set(q.source_cluster.1.clone()),
+        target_cluster_name: Set(q.target_cluster.1.clone()),
+        target_namespace: Set(q.target_namespace.clone()),
+        storage_class_map: Set(json!({})),
+        network_map: Set(json!({})),
+        phase: Set(MigrationPhase::Pending.as_str().to_owned()),
+        phase_timestamps: Set(json!(stamps)),
+        bytes_total: Set(0),
+        bytes_transferred: Set(0),
+        bytes_remaining: Set(0),
+        dirty_rate_bytes_per_sec: Set(0),
+        throughput_bytes_per_sec: Set(0),
+        failure_reason: Set(None),
+        attempt: Set(q.attempt),
+        evacuation_id: Set(q.evacuation_id),
+        trace_id: Set(Some(migration_trace::trace_id_text(id))),
+        requested_by: Set(actor.to_owned()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        finished_at: Set(None),
+        queue_position: Set(q.queue_position),
+        source_node: Set(q.source_node.clone()),
+        planned_bytes: Set(q.planned_bytes),
+        bandwidth_bytes_per_sec: Set(q.options.bandwidth_bytes_per_sec.min(i64::MAX as u64) as i64),
+        options: Set(Some(json!(q.options))),
+    };
+    let inserted = migration::Entity::insert(row)
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::column(migration::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(inserted > 0)
 }
 
 /// What is left of `limit` for `phase`, counted from when the row says the phase began: a
