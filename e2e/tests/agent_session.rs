@@ -284,6 +284,7 @@ async fn removing_a_cluster_revokes_its_agent_and_ends_its_session() {
             planned_bytes: Set(0),
             bandwidth_bytes_per_sec: Set(0),
             options: Set(None),
+            switchover_at: Set(None),
         })
         .exec_without_returning(&e.hub.hub.store.db)
         .await

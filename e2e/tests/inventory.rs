@@ -958,6 +958,7 @@ async fn insert_migration(
         planned_bytes: Set(3 << 30),
         bandwidth_bytes_per_sec: Set(0),
         options: Set(None),
+        switchover_at: Set(None),
     })
     .exec_without_returning(&h.hub.store.db)
     .await

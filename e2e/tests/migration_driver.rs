@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 on_both_backends!(
     a_resumed_driver_sends_what_was_never_sent,
-    a_lease_has_one_holder_and_passes_on_only_when_it_runs_out
+    a_lease_has_one_holder_and_passes_on_only_when_it_runs_out,
+    a_cancel_is_refused_once_the_switchover_began
 );
 
 const TIMING: SessionTiming = SessionTiming {
@@ -235,4 +236,51 @@ async fn leases_pass_on(hub: &TestHub, first: Uuid, second: Uuid) {
     let claim = a.claim(at(22)).await.unwrap();
     assert_eq!(claim.held, vec![second]);
     assert_eq!(claim.taken_over, vec![(second, "hub-b".to_owned())]);
+}
+
+/// The source reported its switchover (the agent's status): a cancel is refused and says why;
+/// the migration keeps no cancel reason.
+async fn a_cancel_is_refused_once_the_switchover_began(b: Backend) {
+    let e = AgentEndpoint::start_on(b, "switchover_cancel", Some(TIMING))
+        .await
+        .unwrap();
+    for name in ["east-1", "west-1"] {
+        let mut s = snapshot(name, 1, vec![node("node-a", 64, 32)], Vec::new());
+        s.info.sync_endpoint = Some(format!("{name}.example:9185"));
+        e.hub.hub.ingest.apply_snapshot(&s).await.unwrap();
+    }
+    let id = running_without_send(&e, "api-1", None).await;
+    let status = drover_shared::migration::MigrationStatus {
+        migration_id: drover_shared::MigrationId(id),
+        phase: drover_shared::inventory::MigrationPhase::Running,
+        progress: None,
+        message: None,
+        switchover: true,
+        cluster: drover_shared::ClusterName::new("east-1").unwrap(),
+    };
+    let (events, _) = tokio::sync::broadcast::channel(8);
+    drover_hub::migrations::record_status(
+        &e.hub.hub.store,
+        &events,
+        e.hub.hub.commands.replicas(),
+        &status.cluster,
+        &status,
+    )
+    .await
+    .unwrap();
+    let refused = e
+        .hub
+        .gql(
+            "mutation($id: ID!) { cancelMigration(id: $id) { phase } }",
+            json!({"id": id.to_string()}),
+        )
+        .await;
+    let message = drover_e2e::testbed::error_message(&refused);
+    assert!(
+        message.contains("switchover began"),
+        "the cancel is refused with the reason: {refused}"
+    );
+    let after = row(&e, id).await;
+    assert_eq!(after.phase, "Running");
+    assert_eq!(after.failure_reason, None, "no cancel was recorded");
 }

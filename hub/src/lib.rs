@@ -11,6 +11,7 @@ pub mod hub;
 pub mod identity;
 pub mod ingest;
 pub mod leases;
+pub mod lifecycle;
 pub mod migration_trace;
 pub mod migrations;
 pub mod pki;

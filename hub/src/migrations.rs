@@ -20,30 +20,14 @@ use drover_graphql::MigrationEvent;
 use tokio::sync::broadcast;
 
 use crate::commands::{CommandState, CommandStore, StoredCommand};
+use crate::lifecycle::{
+    self, CancelDecision, Limits, Observation, Step, Stored, BEFORE_SEND, PREPARE_TIMEOUT,
+    SEND_MARGIN,
+};
 use crate::migration_trace;
 use crate::sessions::Sessions;
 use crate::store::entities::{cluster, migration, vm};
 use crate::store::{Store, StoreError};
-
-/// Phases before the target is asked for anything.
-const BEFORE_TARGET: [MigrationPhase; 3] = [
-    MigrationPhase::Pending,
-    MigrationPhase::Scheduling,
-    MigrationPhase::Scheduled,
-];
-/// Phases before the send goes out: a cancel then ends the migration at once.
-const BEFORE_SEND: [MigrationPhase; 5] = [
-    MigrationPhase::Pending,
-    MigrationPhase::Scheduling,
-    MigrationPhase::Scheduled,
-    MigrationPhase::PreparingTarget,
-    MigrationPhase::TargetReady,
-];
-
-/// How long the target may take to get ready.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Added to the completion timeout for switchover and cleanup.
-const SEND_MARGIN: Duration = Duration::from_secs(120);
 
 /// What an operator asks for.
 #[derive(Debug, Clone)]
@@ -512,47 +496,76 @@ impl Migrations {
         Ok(stored)
     }
 
-    /// Waits for a command's outcome up to `limit`; None on timeout.
-    async fn outcome(
+    /// What became of command `key` to `cluster`: waits up to `wait` (at most 30 s at a
+    /// time; the state machine asks again with what is left) for an answer.
+    async fn command_seen(
         &self,
         cluster: &str,
         key: &str,
-        limit: Duration,
-    ) -> Result<Option<StoredCommand>, StoreError> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let current = self
-                .commands
-                .wait(cluster, key, left.min(Duration::from_secs(30)))
-                .await?;
-            match current {
-                Some(c) if c.state != CommandState::Pending => return Ok(Some(c)),
-                _ if left.is_zero() => return Ok(None),
-                _ => {}
+        wait: Duration,
+    ) -> Result<lifecycle::Command, StoreError> {
+        let Some(current) = self.commands.get(cluster, key).await? else {
+            return Ok(lifecycle::Command::NotStored);
+        };
+        let current = if current.state == CommandState::Pending && !wait.is_zero() {
+            self.commands
+                .wait(cluster, key, wait.min(Duration::from_secs(30)))
+                .await?
+                .unwrap_or(current)
+        } else {
+            current
+        };
+        Ok(match current.state {
+            CommandState::Pending => lifecycle::Command::Unanswered,
+            CommandState::Succeeded => lifecycle::Command::Succeeded,
+            CommandState::Failed => {
+                lifecycle::Command::Failed(current.result_message.unwrap_or_default())
             }
-        }
+        })
     }
 
+    /// Walks the migration through its phases: reads the row, asks the state machine
+    /// (`lifecycle`) for the next step, carries it out and reports what it saw, until the
+    /// migration is queued again or ended.
     async fn drive(&self, id: Uuid) -> Result<(), StoreError> {
         let mid = MigrationId(id);
+        let mut seen = Observation::Row;
         loop {
             let row = self.row(id).await?;
-            let Some(phase) = MigrationPhase::parse(&row.phase) else {
+            let Some(stored) = stored_of(&row) else {
+                tracing::error!(migration = %id, phase = %row.phase, "the migration's phase is unknown to this hub (written by a newer one?); it is not driven here");
                 return Ok(());
             };
-            match phase {
-                // Queued: the scheduler admits it (and drives it) when every limit allows.
-                MigrationPhase::Pending => return Ok(()),
-                MigrationPhase::Scheduling | MigrationPhase::Scheduled => {
-                    self.advance(id, &BEFORE_TARGET, MigrationPhase::PreparingTarget, None)
-                        .await?;
+            let send_limit = if stored.phase == MigrationPhase::Running {
+                self.completion_limit(&row).await? + SEND_MARGIN
+            } else {
+                Duration::ZERO
+            };
+            let limits = Limits {
+                prepare: PREPARE_TIMEOUT,
+                send: send_limit,
+            };
+            let send_key = format!("{id}/send");
+            seen = match lifecycle::next_step(&stored, &seen, limits, Utc::now()) {
+                Step::Stop => return Ok(()),
+                Step::Cleanup => {
+                    self.cleanup(&row).await?;
+                    return Ok(());
                 }
-                MigrationPhase::PreparingTarget => {
+                Step::Advance { from, to } => {
+                    self.advance(id, from, to, None).await?;
+                    Observation::Row
+                }
+                Step::Fail { reason } => {
+                    self.fail(&row, reason).await?;
+                    Observation::Row
+                }
+                Step::Prepare { wait } => {
+                    let key = format!("{id}/prepare-receiver");
                     // Idempotent: after a hub restart this finds the command already stored.
                     self.submit(
                         &row.target_cluster_name,
-                        &format!("{id}/prepare-receiver"),
+                        &key,
                         AgentCommand::PrepareReceiver {
                             migration_id: mid,
                             source_cluster: ClusterName::new(row.source_cluster_name.clone())
@@ -568,124 +581,44 @@ impl Migrations {
                         },
                     )
                     .await?;
-                    let key = format!("{id}/prepare-receiver");
-                    let left =
-                        left_in_phase(&row, MigrationPhase::PreparingTarget, PREPARE_TIMEOUT);
-                    match self.outcome(&row.target_cluster_name, &key, left).await? {
-                        Some(c) if c.state == CommandState::Succeeded => {
-                            self.advance(
+                    Observation::Prepare(
+                        self.command_seen(&row.target_cluster_name, &key, wait)
+                            .await?,
+                    )
+                }
+                Step::StartSend => match self.send_command(&row).await? {
+                    Err(reason) => Observation::SendImpossible(reason),
+                    Ok(send) => {
+                        // Running first: a cancel that wins the race keeps the send from
+                        // going out.
+                        if self
+                            .advance(
                                 id,
-                                &[MigrationPhase::PreparingTarget],
-                                MigrationPhase::TargetReady,
+                                &[MigrationPhase::TargetReady],
+                                MigrationPhase::Running,
                                 None,
                             )
-                            .await?;
+                            .await?
+                        {
+                            self.submit(&row.source_cluster_name, &send_key, send)
+                                .await?;
                         }
-                        Some(c) => {
-                            self.fail(
-                                &row,
-                                format!(
-                                    "preparing the target failed: {}",
-                                    c.result_message.unwrap_or_default()
-                                ),
-                            )
-                            .await?;
-                        }
-                        None => {
-                            self.fail(
-                                &row,
-                                format!(
-                                    "the target was not ready within {} s",
-                                    PREPARE_TIMEOUT.as_secs()
-                                ),
-                            )
-                            .await?;
-                        }
+                        Observation::Row
                     }
-                }
-                MigrationPhase::TargetReady => {
-                    let send = match self.send_command(&row).await? {
-                        Ok(send) => send,
-                        Err(reason) => {
-                            self.fail(&row, reason).await?;
-                            continue;
-                        }
-                    };
-                    // Running first: a cancel that wins the race keeps the send from going out.
-                    if !self
-                        .advance(
-                            id,
-                            &[MigrationPhase::TargetReady],
-                            MigrationPhase::Running,
-                            None,
-                        )
-                        .await?
-                    {
-                        continue;
-                    }
-                    self.submit(&row.source_cluster_name, &format!("{id}/send"), send)
-                        .await?;
-                }
-                MigrationPhase::Running => {
-                    let key = format!("{id}/send");
-                    if self
-                        .commands
-                        .get(&row.source_cluster_name, &key)
-                        .await?
-                        .is_none()
-                    {
-                        // Running was recorded but the send was not stored (the database went
-                        // away, or the hub stopped, in between): it never went out and the
-                        // source moved nothing. A cancel asked for meanwhile ends it here;
-                        // otherwise it goes out now.
-                        if let Some(reason) = row.failure_reason.clone() {
-                            self.fail(&row, reason).await?;
-                            continue;
-                        }
-                        match self.send_command(&row).await? {
-                            Ok(send) => {
-                                self.submit(&row.source_cluster_name, &key, send).await?;
-                            }
-                            Err(reason) => self.fail(&row, reason).await?,
-                        }
-                        continue;
-                    }
-                    let limit = self.completion_limit(&row).await? + SEND_MARGIN;
-                    let left = left_in_phase(&row, MigrationPhase::Running, limit);
-                    match self.outcome(&row.source_cluster_name, &key, left).await? {
-                        Some(c) if c.state == CommandState::Succeeded => {
-                            self.advance(
-                                id,
-                                &[MigrationPhase::Running],
-                                MigrationPhase::Succeeded,
-                                None,
-                            )
+                },
+                Step::StoreSend => match self.send_command(&row).await? {
+                    Err(reason) => Observation::SendImpossible(reason),
+                    Ok(send) => {
+                        self.submit(&row.source_cluster_name, &send_key, send)
                             .await?;
-                        }
-                        Some(c) => {
-                            self.fail(
-                                &row,
-                                c.result_message.unwrap_or_else(|| "the send failed".into()),
-                            )
-                            .await?;
-                        }
-                        None => {
-                            self.fail(
-                                &row,
-                                format!("no outcome from the source within {} s", limit.as_secs()),
-                            )
-                            .await?;
-                        }
+                        Observation::Row
                     }
-                }
-                MigrationPhase::Succeeded => return Ok(()),
-                // Both sides are told (again: the commands are keyed, so once), in case the
-                // database went away between recording the failure and storing the cancels.
-                MigrationPhase::Failed => {
-                    self.cleanup(&row).await?;
-                    return Ok(());
-                }
-            }
+                },
+                Step::AwaitSend { wait } => Observation::Send(
+                    self.command_seen(&row.source_cluster_name, &send_key, wait)
+                        .await?,
+                ),
+            };
         }
     }
 
@@ -814,38 +747,76 @@ impl Migrations {
             .one(&self.store.db)
             .await?
             .ok_or_else(|| MigrateError::NotFound(format!("migration {id} does not exist")))?;
-        let phase = MigrationPhase::parse(&row.phase);
-        if !phase.is_some_and(|p| MigrationPhase::NOT_ENDED.contains(&p)) {
-            return Err(MigrateError::Conflict(format!(
-                "migration {id} is {} and can no longer be cancelled",
+        let stored = stored_of(&row).ok_or_else(|| {
+            MigrateError::Conflict(format!(
+                "migration {id} has phase {:?}, which this hub does not know",
                 row.phase
-            )));
-        }
-        // Before the send: the hub ends it here, and the send never goes out.
+            ))
+        })?;
         let reason = format!("cancelled by {actor}");
-        if self
-            .advance(id, &BEFORE_SEND, MigrationPhase::Failed, Some(reason))
-            .await?
-        {
-            self.cleanup(&row).await?;
-            return Ok(());
+        match lifecycle::decide_cancel(&stored) {
+            CancelDecision::Refused(why) => {
+                return Err(MigrateError::Conflict(format!("migration {id}: {why}")));
+            }
+            // Before the send: the hub ends it here, and the send never goes out (unless the
+            // driver recorded Running meanwhile: then as below).
+            CancelDecision::EndHere => {
+                if self
+                    .advance(
+                        id,
+                        &BEFORE_SEND,
+                        MigrationPhase::Failed,
+                        Some(reason.clone()),
+                    )
+                    .await?
+                {
+                    self.cleanup(&row).await?;
+                    return Ok(());
+                }
+            }
+            CancelDecision::StopTheSend => {}
         }
         // Sending: the source stops the transfer (unless the switchover already began, which
         // cannot be undone), and the send's outcome ends the migration; the reason is recorded
         // now so that the failure that follows says why.
-        migration::Entity::update_many()
-            .col_expr(
-                migration::Column::FailureReason,
-                Some(format!("cancelled by {actor}")).into(),
-            )
+        let recorded = migration::Entity::update_many()
+            .col_expr(migration::Column::FailureReason, Some(reason).into())
             .filter(migration::Column::Id.eq(id))
             .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
             .filter(migration::Column::FailureReason.is_null())
+            .filter(migration::Column::SwitchoverAt.is_null())
             .exec(&self.store.db)
-            .await?;
+            .await?
+            .rows_affected;
+        if recorded == 0 {
+            let now = self.row(id).await?;
+            if now.switchover_at.is_some() {
+                return Err(MigrateError::Conflict(format!(
+                    "migration {id}: its switchover began: the source is paused and the target takes over, which cannot be undone; wait for it to end"
+                )));
+            }
+        }
         self.cleanup(&row).await?;
         Ok(())
     }
+}
+
+/// The migration as the state machine sees it; None for a phase this hub does not know.
+pub fn stored_of(row: &migration::Model) -> Option<Stored> {
+    let phase = MigrationPhase::parse(&row.phase)?;
+    let phase_began = migration_trace::stamps(row)
+        .get(phase.as_str())
+        .copied()
+        .unwrap_or(row.updated_at);
+    Some(Stored {
+        phase,
+        phase_began,
+        cancel_reason: row
+            .failure_reason
+            .clone()
+            .filter(|_| phase != MigrationPhase::Failed),
+        switching_over: row.switchover_at.is_some(),
+    })
 }
 
 /// Stores migration `id` as queued (`Pending`) through `db` (a transaction, when it must land
@@ -890,6 +861,7 @@ pub async fn insert_queued(
         planned_bytes: Set(q.planned_bytes),
         bandwidth_bytes_per_sec: Set(q.options.bandwidth_bytes_per_sec.min(i64::MAX as u64) as i64),
         options: Set(Some(json!(q.options))),
+        switchover_at: Set(None),
     };
     let inserted = migration::Entity::insert(row)
         .on_conflict(
@@ -902,18 +874,6 @@ pub async fn insert_queued(
     Ok(inserted > 0)
 }
 
-/// What is left of `limit` for `phase`, counted from when the row says the phase began: a
-/// driver that restarts (after a database outage or a hub restart) keeps the phase's deadline
-/// instead of starting a fresh one.
-fn left_in_phase(row: &migration::Model, phase: MigrationPhase, limit: Duration) -> Duration {
-    let began = migration_trace::stamps(row)
-        .get(phase.as_str())
-        .copied()
-        .unwrap_or(row.updated_at);
-    let spent = (Utc::now() - began).to_std().unwrap_or_default();
-    limit.saturating_sub(spent)
-}
-
 /// Records a status report from an agent: progress (from the source) while the migration runs.
 pub async fn record_status(
     store: &Store,
@@ -922,6 +882,17 @@ pub async fn record_status(
     from: &ClusterName,
     status: &MigrationStatus,
 ) -> Result<(), StoreError> {
+    if status.switchover {
+        // From now on no cancel is taken (the source's agent would refuse it too).
+        migration::Entity::update_many()
+            .col_expr(migration::Column::SwitchoverAt, Some(Utc::now()).into())
+            .filter(migration::Column::Id.eq(status.migration_id.0))
+            .filter(migration::Column::SourceClusterName.eq(from.as_str()))
+            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
+            .filter(migration::Column::SwitchoverAt.is_null())
+            .exec(&store.db)
+            .await?;
+    }
     {
         let Some(p) = status.progress else {
             return Ok(());
@@ -1006,33 +977,44 @@ mod tests {
             planned_bytes: 0,
             bandwidth_bytes_per_sec: 0,
             options: None,
+            switchover_at: None,
         }
     }
 
     #[test]
     fn a_restarted_driver_keeps_the_phase_deadline() {
         let limit = Duration::from_secs(300);
-        let fresh = row_in(MigrationPhase::PreparingTarget, Utc::now());
-        let left = left_in_phase(&fresh, MigrationPhase::PreparingTarget, limit);
-        assert!(left > Duration::from_secs(290), "{left:?}");
+        let now = Utc::now();
+        let left =
+            |row: &migration::Model| lifecycle::left_in_phase(&stored_of(row).unwrap(), limit, now);
+        assert_eq!(left(&row_in(MigrationPhase::PreparingTarget, now)), limit);
         // Began four minutes ago (the driver was away for a database outage): one is left.
         let old = row_in(
             MigrationPhase::PreparingTarget,
-            Utc::now() - chrono::Duration::seconds(240),
+            now - chrono::Duration::seconds(240),
         );
-        let left = left_in_phase(&old, MigrationPhase::PreparingTarget, limit);
-        assert!(
-            left <= Duration::from_secs(60) && left > Duration::from_secs(50),
-            "{left:?}"
-        );
+        assert_eq!(left(&old), Duration::from_secs(60));
         // Long past: nothing left, the driver ends the phase at once.
         let expired = row_in(
             MigrationPhase::Running,
-            Utc::now() - chrono::Duration::seconds(3600),
+            now - chrono::Duration::seconds(3600),
         );
-        assert_eq!(
-            left_in_phase(&expired, MigrationPhase::Running, limit),
-            Duration::ZERO
-        );
+        assert_eq!(left(&expired), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stored_row_reads_as_the_state_machine_needs_it() {
+        let now = Utc::now();
+        let mut row = row_in(MigrationPhase::Running, now);
+        row.failure_reason = Some("cancelled by alice".into());
+        row.switchover_at = Some(now);
+        let stored = stored_of(&row).unwrap();
+        assert_eq!(stored.cancel_reason.as_deref(), Some("cancelled by alice"));
+        assert!(stored.switching_over);
+        // A failed migration's reason is its failure, not a pending cancel.
+        let failed = stored_of(&row_in(MigrationPhase::Failed, now)).unwrap();
+        assert_eq!(failed.cancel_reason, None);
+        row.phase = "Teleporting".into();
+        assert!(stored_of(&row).is_none(), "an unknown phase is not guessed");
     }
 }

@@ -116,6 +116,10 @@ pub struct MigrationStatus {
     pub progress: Option<MigrationProgress>,
     #[serde(default)]
     pub message: Option<String>,
+    /// The source paused with everything sent and asks the target to take over: from now on
+    /// the migration cannot be cancelled.
+    #[serde(default)]
+    pub switchover: bool,
     /// The cluster reporting it (checked against the session's cluster).
     pub cluster: ClusterName,
 }

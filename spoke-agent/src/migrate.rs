@@ -95,6 +95,7 @@ fn running_status(
         phase: MigrationPhase::Running,
         progress: Some(progress),
         message: None,
+        switchover: false,
         cluster: cluster.clone(),
     })
 }
@@ -289,6 +290,7 @@ impl<R: MigrationRuntime> MigrationController<R> {
                 phase,
                 progress,
                 message: None,
+                switchover: false,
                 cluster: self.cluster.clone(),
             }));
     }
@@ -751,6 +753,17 @@ impl<R: MigrationRuntime> MigrationController<R> {
         mut messages: mpsc::Receiver<Result<SyncMessage, String>>,
     ) -> Result<String, String> {
         // Switchover: the source is paused; the target takes over, or the source resumes.
+        // The hub hears of it first: from now on it refuses cancels (this agent would too).
+        let _ = self
+            .outbox
+            .send(AgentMessage::MigrationStatus(MigrationStatus {
+                migration_id: migration,
+                phase: MigrationPhase::Running,
+                progress: None,
+                message: None,
+                switchover: true,
+                cluster: self.cluster.clone(),
+            }));
         send_message(&mut write, &SyncMessage::Switchover).await.map_err(|e| {
             format!("{e}: the switchover could not be requested; the source stays paused until an operator checks the target")
         })?;

@@ -167,6 +167,7 @@ pub mod migration {
         pub planned_bytes: i64,
         pub bandwidth_bytes_per_sec: i64,
         pub options: Option<Json>,
+        pub switchover_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

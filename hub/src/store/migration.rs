@@ -540,14 +540,15 @@ pub struct M0004DriverLeases;
 
 impl MigrationName for M0004DriverLeases {
     fn name(&self) -> &str {
-        "m0004_driver_leases"
+        "m0004_leases_and_switchover"
     }
 }
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0004DriverLeases {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        // Which hub replica drives each in-flight migration, until when (`leases`). Times are
+        // Which hub replica drives each in-flight migration, until when (`leases`), and when a
+        // migration's switchover began. Times are
         // milliseconds since the epoch on the replicas' clocks: one comparison on both backends.
         m.create_table(
             Table::create()
@@ -563,10 +564,25 @@ impl MigrationTrait for M0004DriverLeases {
         )
         .await?;
         m.create_index(index("migration_leases", "owner", &["owner"], false))
-            .await
+            .await?;
+        // When the source reported its switchover began (no cancel is taken from then on).
+        m.alter_table(
+            Table::alter()
+                .table(a("migrations"))
+                .add_column(timestamp_with_time_zone_null(a("switchover_at")))
+                .to_owned(),
+        )
+        .await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(a("migrations"))
+                .drop_column(a("switchover_at"))
+                .to_owned(),
+        )
+        .await?;
         m.drop_table(Table::drop().table(a("migration_leases")).to_owned())
             .await
     }
