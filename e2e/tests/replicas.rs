@@ -17,7 +17,8 @@ use drover_e2e::testbed::test_guest;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use serde_json::{json, Value};
 
-const VMS: usize = 4;
+/// Two guests: both in flight at once (one on each target), few migrations for the suite.
+const VMS: usize = 2;
 const LEASE_SECS: u64 = 5;
 const REPLICAS: [&str; 2] = ["hub-a", "hub-b"];
 
