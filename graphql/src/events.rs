@@ -13,7 +13,6 @@ pub enum InventoryEventKind {
 }
 
 /// One change to a cluster's inventory, as it is committed.
-/// (Serializable: hub replicas pass events on to each other.)
 #[derive(Debug, Clone, async_graphql::SimpleObject, serde::Serialize, serde::Deserialize)]
 pub struct InventoryEvent {
     pub cluster: String,
