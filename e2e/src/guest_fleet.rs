@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::agents::eventually;
 use crate::process::{guest_console, HubProcess};
 
 /// Declares the running VM `web/app-<index>` (128 MiB, one vCPU, a 16 MiB disk) on the agent
@@ -50,6 +51,59 @@ pub async fn vms_on(hub: &HubProcess, cluster: &str) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Waits until the hub sees `clusters` clusters READY with a sync endpoint and `vms` guests
+/// (`web/app-0`, ...) RUNNING on `source`, then until each counts on its console in
+/// `source_dir`. Several TCG guests booting at once on two busy cores take time: five minutes
+/// each.
+pub async fn wait_until_counting(
+    hub: &HubProcess,
+    clusters: usize,
+    source: &str,
+    source_dir: &Path,
+    vms: usize,
+) {
+    eventually(
+        "the guests RUNNING on their cluster and every cluster ready",
+        Duration::from_secs(300),
+        async || {
+            let ready = hub
+                .gql(
+                    r#"{ clusters { edges { node { health syncEndpoint } } } }"#,
+                    json!({}),
+                )
+                .await;
+            let all_ready = ready["data"]["clusters"]["edges"]
+                .as_array()
+                .is_some_and(|e| {
+                    e.len() == clusters
+                        && e.iter().all(|c| {
+                            c["node"]["health"] == "READY" && c["node"]["syncEndpoint"].is_string()
+                        })
+                });
+            all_ready
+                && vms_on(hub, source)
+                    .await
+                    .iter()
+                    .filter(|v| v.1 == "RUNNING")
+                    .count()
+                    == vms
+        },
+    )
+    .await;
+    eventually(
+        "the guests counting",
+        Duration::from_secs(300),
+        async || {
+            (0..vms).all(|i| {
+                guest_console(&source_dir.join(format!("vms/web/app-{i}")))
+                    .0
+                    .is_some_and(|n| n >= 10)
+            })
+        },
+    )
+    .await;
 }
 
 /// Panics unless the guest in `vm_dir` (moved there) counts on and never booted there: it

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use drover_e2e::agents::eventually;
-use drover_e2e::guest_fleet::{assert_resumed, declare_guest, vms_on};
+use drover_e2e::guest_fleet::{assert_resumed, declare_guest, vms_on, wait_until_counting};
 use drover_e2e::postgres::PgCluster;
-use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::process::{AgentProcess, HubProcess, QemuReaper};
 use drover_e2e::prometheus::Prometheus;
 use drover_e2e::testbed::test_guest;
 use serde_json::{json, Value};
@@ -153,48 +153,7 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
         let token = hub.create_join_token(&http, cluster).await.unwrap();
         agents.push(start_agent(dir, &hub, cluster, Some(&token)).await);
     }
-    eventually(
-        "six guests RUNNING on east-1, west-1 and north-1 ready",
-        Duration::from_secs(300),
-        async || {
-            let ready = gql(
-                &hub,
-                r#"{ clusters { edges { node { name health syncEndpoint } } } }"#,
-                json!({}),
-            )
-            .await;
-            let all_ready = ready["data"]["clusters"]["edges"]
-                .as_array()
-                .is_some_and(|e| {
-                    e.len() == 3
-                        && e.iter().all(|c| {
-                            c["node"]["health"] == "READY" && c["node"]["syncEndpoint"].is_string()
-                        })
-                });
-            all_ready
-                && vms_on(&hub, "east-1")
-                    .await
-                    .iter()
-                    .filter(|v| v.1 == "RUNNING")
-                    .count()
-                    == VMS
-        },
-    )
-    .await;
-    let vm_dirs: Vec<_> = (0..VMS)
-        .map(|i| east_dir.join(format!("vms/web/app-{i}")))
-        .collect();
-    // Six TCG guests booting at once on two busy cores: give them time.
-    eventually(
-        "the guests counting",
-        Duration::from_secs(300),
-        async || {
-            vm_dirs
-                .iter()
-                .all(|d| guest_console(d).0.is_some_and(|n| n >= 10))
-        },
-    )
-    .await;
+    wait_until_counting(&hub, 3, "east-1", east_dir, VMS).await;
 
     // The dry run: every VM has a target, the limits are stated.
     let plan = gql(

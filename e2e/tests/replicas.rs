@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_e2e::agents::eventually;
-use drover_e2e::guest_fleet::{assert_resumed, declare_guest, moves_seen, vms_on};
+use drover_e2e::guest_fleet::{assert_resumed, declare_guest, moves_seen, wait_until_counting};
 use drover_e2e::postgres::PgCluster;
-use drover_e2e::process::{guest_console, AgentProcess, HubProcess, QemuReaper};
+use drover_e2e::process::{AgentProcess, HubProcess, QemuReaper};
 use drover_e2e::subscription::Subscription;
 use drover_e2e::testbed::test_guest;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
@@ -148,46 +148,7 @@ async fn a_replica_killed_halfway_through_an_evacuation_hands_its_migrations_to_
             .await,
         );
     }
-    eventually(
-        "the guests RUNNING on east-1 and every cluster ready",
-        Duration::from_secs(300),
-        async || {
-            let ready = a
-                .gql(
-                    r#"{ clusters { edges { node { health syncEndpoint } } } }"#,
-                    json!({}),
-                )
-                .await;
-            let all_ready = ready["data"]["clusters"]["edges"]
-                .as_array()
-                .is_some_and(|e| {
-                    e.len() == 3
-                        && e.iter().all(|c| {
-                            c["node"]["health"] == "READY" && c["node"]["syncEndpoint"].is_string()
-                        })
-                });
-            all_ready
-                && vms_on(a, "east-1")
-                    .await
-                    .iter()
-                    .filter(|v| v.1 == "RUNNING")
-                    .count()
-                    == VMS
-        },
-    )
-    .await;
-    eventually(
-        "the guests counting",
-        Duration::from_secs(300),
-        async || {
-            (0..VMS).all(|i| {
-                guest_console(&east_dir.join(format!("vms/web/app-{i}")))
-                    .0
-                    .is_some_and(|n| n >= 10)
-            })
-        },
-    )
-    .await;
+    wait_until_counting(a, 3, "east-1", east_dir, VMS).await;
 
     let started = b
         .gql(

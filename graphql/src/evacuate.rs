@@ -88,6 +88,7 @@ impl PlanKind {
 
 /// Where an evacuation or rebalance is.
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "drover_shared::migration::EvacuationState")]
 pub enum EvacuationState {
     /// Its migrations are queued or running.
     Running,
@@ -101,13 +102,9 @@ pub enum EvacuationState {
 
 impl EvacuationState {
     fn parse(stored: &str) -> Result<Self, ApiError> {
-        match stored.to_ascii_lowercase().as_str() {
-            "running" => Ok(Self::Running),
-            "succeeded" => Ok(Self::Succeeded),
-            "failed" => Ok(Self::Failed),
-            "cancelled" => Ok(Self::Cancelled),
-            other => Err(unreadable("state", other)),
-        }
+        drover_shared::migration::EvacuationState::parse(stored)
+            .map(Self::from)
+            .ok_or_else(|| unreadable("state", stored))
     }
 }
 

@@ -15,7 +15,7 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
     TransactionTrait,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -27,37 +27,7 @@ use crate::scheduler::SchedulerSettings;
 use crate::store::entities::{cluster, evacuation, migration, vm};
 use crate::store::{Store, StoreError};
 
-/// Where an evacuation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EvacuationState {
-    Running,
-    Succeeded,
-    /// Ended with some VMs not moved (failed after their attempts).
-    Failed,
-    Cancelled,
-}
-
-impl EvacuationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "Running",
-            Self::Succeeded => "Succeeded",
-            Self::Failed => "Failed",
-            Self::Cancelled => "Cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-    }
-}
+pub use drover_shared::migration::EvacuationState;
 
 /// What an operator asks to plan.
 #[derive(Debug, Clone)]

@@ -51,7 +51,7 @@ impl Default for ReplicaSettings {
     /// under a new one, after the lease time).
     fn default() -> Self {
         Self {
-            name: format!("hub-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            name: crate::leases::fresh_replica_name(),
             lease: crate::leases::DEFAULT_LEASE,
         }
     }

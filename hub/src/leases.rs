@@ -149,12 +149,7 @@ pub fn replica_name(
     match std::fs::read_to_string(&path) {
         Ok(stored) if !stored.trim().is_empty() => Ok(stored.trim().to_owned()),
         Ok(_) | Err(_) => {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "hub".into());
-            let name = format!("{host}-{}", &Uuid::new_v4().simple().to_string()[..8]);
+            let name = fresh_replica_name();
             std::fs::create_dir_all(data_dir)?;
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, &name)?;
@@ -162,4 +157,14 @@ pub fn replica_name(
             Ok(name)
         }
     }
+}
+
+/// A new replica name: the host's name and eight random hex digits.
+pub fn fresh_replica_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hub".into());
+    format!("{host}-{}", &Uuid::new_v4().simple().to_string()[..8])
 }

@@ -789,11 +789,13 @@ impl Migrations {
             .await?
             .rows_affected;
         if recorded == 0 {
+            // It moved on meanwhile (switchover began, or it ended): decide again on the row as
+            // it is now. Still running with a cancel recorded: an earlier cancel, told again.
             let now = self.row(id).await?;
-            if now.switchover_at.is_some() {
-                return Err(MigrateError::Conflict(format!(
-                    "migration {id}: its switchover began: the source is paused and the target takes over, which cannot be undone; wait for it to end"
-                )));
+            if let Some(CancelDecision::Refused(why)) =
+                stored_of(&now).map(|s| lifecycle::decide_cancel(&s))
+            {
+                return Err(MigrateError::Conflict(format!("migration {id}: {why}")));
             }
         }
         self.cleanup(&row).await?;

@@ -123,3 +123,36 @@ pub struct MigrationStatus {
     /// The cluster reporting it (checked against the session's cluster).
     pub cluster: ClusterName,
 }
+
+/// Where an evacuation or rebalance stands (stored as `as_str`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvacuationState {
+    Running,
+    Succeeded,
+    /// Ended with some VMs not moved (failed after their attempts).
+    Failed,
+    Cancelled,
+}
+
+impl EvacuationState {
+    pub const ALL: [Self; 4] = [
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+
+    /// The state stored as `s`; None for one this version does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
