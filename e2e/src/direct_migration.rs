@@ -510,7 +510,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// The files QEMU's `tls-creds-x509` reads from its directory, issued by a fresh hub CA: a
 /// server certificate for `localhost` and a client certificate (the agent kind, by CSR).
 fn write_qemu_certificates(dir: &Path) -> anyhow::Result<()> {
-    use drover_hub::pki::Pki;
+    use drover_hub::agents::pki::Pki;
     std::fs::create_dir_all(dir)?;
     let pki = Pki::load_or_create(&dir.join("ca"))?;
     let validity = Duration::from_secs(24 * 3600);

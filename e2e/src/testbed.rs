@@ -25,7 +25,7 @@ pub enum Backend {
 pub struct TestHub {
     pub hub: Hub,
     pub url: String,
-    pub pki: std::sync::Arc<drover_hub::pki::Pki>,
+    pub pki: std::sync::Arc<drover_hub::agents::pki::Pki>,
     _dir: Option<tempfile::TempDir>,
     _pki_dir: tempfile::TempDir,
 }
@@ -43,7 +43,9 @@ impl TestHub {
             }
         };
         let pki_dir = tempfile::tempdir()?;
-        let pki = std::sync::Arc::new(drover_hub::pki::Pki::load_or_create(pki_dir.path())?);
+        let pki = std::sync::Arc::new(drover_hub::agents::pki::Pki::load_or_create(
+            pki_dir.path(),
+        )?);
         let hub = Hub::open(&url, pki.clone())
             .await
             .with_context(|| format!("open hub on {url}"))?;
@@ -129,7 +131,7 @@ impl AgentEndpoint {
     /// A hub on SQLite with its agent endpoint.
     pub async fn start(
         name: &str,
-        timing: Option<drover_hub::sessions::SessionTiming>,
+        timing: Option<drover_hub::agents::sessions::SessionTiming>,
     ) -> anyhow::Result<Self> {
         Self::start_on(Backend::Sqlite, name, timing).await
     }
@@ -137,7 +139,7 @@ impl AgentEndpoint {
     pub async fn start_on(
         backend: Backend,
         name: &str,
-        timing: Option<drover_hub::sessions::SessionTiming>,
+        timing: Option<drover_hub::agents::sessions::SessionTiming>,
     ) -> anyhow::Result<Self> {
         let mut hub = TestHub::new(backend, name).await?;
         if let Some(timing) = timing {

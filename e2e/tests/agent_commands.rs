@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use drover_e2e::agents::{eventually, join, RunningAgent};
 use drover_e2e::testbed::{error_code, vm, AgentEndpoint, Backend, TestCluster, TestHub};
-use drover_hub::sessions::SessionTiming;
+use drover_hub::agents::sessions::SessionTiming;
 use sea_orm::ConnectionTrait;
 use serde_json::{json, Value};
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use drover_e2e::logs::{self, expect_line};
 use drover_e2e::testbed::AgentEndpoint;
-use drover_hub::agent_endpoint::{IdentityResponse, JoinRequest, JoinResponse};
-use drover_hub::pki::Pki;
+use drover_hub::agents::endpoint::{IdentityResponse, JoinRequest, JoinResponse};
+use drover_hub::agents::pki::Pki;
 use drover_shared::identity::{cluster_of_certificate, PinnedCaVerifier};
 use drover_shared::ClusterName;
 use rustls::pki_types::pem::PemObject;
@@ -77,7 +77,7 @@ fn issue(
     pki: &Pki,
     cluster: &str,
     validity: Duration,
-) -> (drover_hub::pki::IssuedCertificate, String) {
+) -> (drover_hub::agents::pki::IssuedCertificate, String) {
     let (csr, key) = new_csr();
     let cert = pki
         .issue_agent_certificate(&csr, &ClusterName::new(cluster).unwrap(), validity)

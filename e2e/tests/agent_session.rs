@@ -9,7 +9,7 @@ use std::time::Duration;
 use drover_agent::identity::AgentIdentity;
 use drover_e2e::agents::{eventually, join, RunningAgent};
 use drover_e2e::testbed::{vm, AgentEndpoint, TestCluster, TestHub};
-use drover_hub::sessions::SessionTiming;
+use drover_hub::agents::sessions::SessionTiming;
 use drover_shared::protocol::{AgentMessage, HubMessage};
 use drover_shared::ClusterName;
 use futures::{SinkExt, StreamExt};

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use drover_e2e::testbed::*;
-use drover_hub::scheduler::{Scheduler, SchedulerSettings};
+use drover_hub::config::SchedulerSettings;
+use drover_hub::orchestration::scheduler::Scheduler;
 use drover_hub::store::entities::migration;
 use drover_shared::inventory::*;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -95,7 +96,7 @@ async fn evacuations_page_newest_first_in_a_constant_number_of_statements(b: Bac
 /// the queue while the first's admissions are uncommitted and fill the same slots again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_admits_only_after_another_replicas_admission_commits() {
-    use drover_hub::scheduler::ADMISSION_LOCK;
+    use drover_hub::orchestration::scheduler::ADMISSION_LOCK;
     use sea_orm::{ConnectionTrait, DbBackend, QueryOrder, Statement, TransactionTrait};
 
     let h = TestHub::new(Backend::Postgres, "admission_lock")

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use drover_e2e::testbed::*;
-use drover_hub::ingest::IngestError;
+use drover_hub::inventory::ingest::IngestError;
 use drover_shared::inventory::*;
 use drover_shared::ClusterName;
 use sea_orm::ConnectionTrait;
@@ -1183,8 +1183,9 @@ async fn hub_replicas_starting_together_share_one_migration() {
         let url = url.clone();
         tokio::spawn(async move {
             let dir = tempfile::tempdir().unwrap();
-            let pki =
-                std::sync::Arc::new(drover_hub::pki::Pki::load_or_create(dir.path()).unwrap());
+            let pki = std::sync::Arc::new(
+                drover_hub::agents::pki::Pki::load_or_create(dir.path()).unwrap(),
+            );
             drover_hub::Hub::open(&url, pki).await.map(|_| ())
         })
     });

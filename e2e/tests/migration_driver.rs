@@ -11,10 +11,10 @@ use std::time::Duration;
 use drover_e2e::agents::{eventually, join, RunningAgent};
 use drover_e2e::on_both_backends;
 use drover_e2e::testbed::{node, snapshot, vm, AgentEndpoint, Backend, TestCluster, TestHub};
-use drover_hub::leases::Leases;
-use drover_hub::migrations::QueuedMigration;
-use drover_hub::sessions::SessionTiming;
+use drover_hub::agents::sessions::SessionTiming;
+use drover_hub::orchestration::migrations::QueuedMigration;
 use drover_hub::store::entities::{cluster, migration};
+use drover_hub::store::leases::Leases;
 use drover_shared::migration::MigrationOptions;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
@@ -259,7 +259,7 @@ async fn a_cancel_is_refused_once_the_switchover_began(b: Backend) {
         cluster: drover_shared::ClusterName::new("east-1").unwrap(),
     };
     let (events, _) = tokio::sync::broadcast::channel(8);
-    drover_hub::migrations::record_status(
+    drover_hub::orchestration::migrations::record_status(
         &e.hub.hub.store,
         &events,
         e.hub.hub.commands.replicas(),

@@ -8,18 +8,29 @@ use drover_graphql::{build_schema, DroverSchema, InventoryEvent, MigrationEvent,
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
-use crate::admin::HubAdmin;
-use crate::agent_endpoint::{self, TlsListener};
-use crate::commands::CommandStore;
-use crate::identity::Identities;
-use crate::ingest::Ingest;
-use crate::leases::Leases;
-use crate::pki::{Pki, PkiError};
-use crate::read::StoreReader;
-use crate::replicas::{Receivers, ReplicaBus};
-use crate::server::{self, App};
-use crate::sessions::{SessionTiming, Sessions};
+use crate::agents::commands::{CommandState, CommandStore};
+use crate::agents::endpoint::{self, TlsListener};
+use crate::agents::identity::Identities;
+use crate::agents::pki::{Pki, PkiError};
+use crate::agents::sessions::{SessionTiming, Sessions};
+use crate::api::admin::HubAdmin;
+use crate::api::reader::StoreReader;
+use crate::api::server::{self, App};
+use crate::config::{HubConfig, ReplicaSettings};
+use crate::inventory::ingest::Ingest;
+use crate::orchestration::migrations::StatusRecorder;
+use crate::replicas::{Notice, ReplicaBus};
+use crate::store::leases::Leases;
 use crate::store::{redact, Store, StoreError};
+
+/// Why a configured hub could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot set up the hub's certificate authority: {0}")]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Clone)]
 pub struct Hub {
@@ -28,33 +39,13 @@ pub struct Hub {
     pub identities: Identities,
     pub sessions: Sessions,
     pub commands: CommandStore,
-    pub migrations: crate::migrations::Migrations,
-    pub scheduler: crate::scheduler::Scheduler,
+    pub migrations: crate::orchestration::migrations::Migrations,
+    pub scheduler: crate::orchestration::scheduler::Scheduler,
     pub schema: DroverSchema,
     pub events: broadcast::Sender<InventoryEvent>,
     pub migration_events: broadcast::Sender<MigrationEvent>,
     /// What this replica tells the others on one PostgreSQL, and hears from them.
     pub replicas: ReplicaBus,
-}
-
-/// Who this hub is among the replicas on one database.
-#[derive(Debug, Clone)]
-pub struct ReplicaSettings {
-    /// Recorded on the leases of the migrations it drives.
-    pub name: String,
-    /// How long another replica waits for this one to renew a lease before taking over.
-    pub lease: Duration,
-}
-
-impl Default for ReplicaSettings {
-    /// A fresh name (a process that restarts under it takes its own migrations back at once;
-    /// under a new one, after the lease time).
-    fn default() -> Self {
-        Self {
-            name: crate::leases::fresh_replica_name(),
-            lease: crate::leases::DEFAULT_LEASE,
-        }
-    }
 }
 
 impl Hub {
@@ -98,6 +89,25 @@ impl Hub {
         }
     }
 
+    /// The hub `config` describes: its CA, its database (waited for), its replica name, its
+    /// session timing and scheduler limits.
+    pub async fn open_configured(config: &HubConfig) -> Result<Self, OpenError> {
+        let pki = match &config.ca {
+            Some((cert, key)) => Pki::load(cert, key),
+            None => Pki::load_or_create(&config.data_dir.join("pki")),
+        }?;
+        let hub = Self::open_waiting(
+            &config.database_url,
+            Arc::new(pki),
+            config.database_wait,
+            config.replica.clone(),
+        )
+        .await?
+        .with_session_timing(config.sessions.clone());
+        hub.scheduler.set_settings(config.scheduler.clone());
+        Ok(hub)
+    }
+
     pub fn with_store(store: Store, pki: Arc<Pki>) -> Self {
         Self::with_store_as(store, pki, ReplicaSettings::default())
     }
@@ -114,19 +124,23 @@ impl Hub {
             ingest.clone(),
             commands.clone(),
             SessionTiming::default(),
-            migration_events.clone(),
+            Arc::new(StatusRecorder {
+                store: store.clone(),
+                events: migration_events.clone(),
+                replicas: replicas.clone(),
+            }),
         );
-        let migrations = crate::migrations::Migrations::new(
+        let migrations = crate::orchestration::migrations::Migrations::new(
             store.clone(),
             commands.clone(),
             sessions.clone(),
             migration_events.clone(),
             Leases::new(store.clone(), replica.name, replica.lease),
         );
-        let scheduler = crate::scheduler::Scheduler::new(
+        let scheduler = crate::orchestration::scheduler::Scheduler::new(
             store.clone(),
             migrations.clone(),
-            crate::scheduler::SchedulerSettings::default(),
+            crate::config::SchedulerSettings::default(),
         );
         let admin = Arc::new(HubAdmin {
             store: store.clone(),
@@ -161,13 +175,29 @@ impl Hub {
     /// Tells the other replicas what this one does and passes on what they do, until
     /// `shutdown` resolves (at once on SQLite).
     pub async fn run_replicas(&self, shutdown: impl std::future::Future<Output = ()>) {
-        let to = Receivers {
-            commands: self.commands.clone(),
-            sessions: self.sessions.clone(),
-            migration_events: self.migration_events.clone(),
-            inventory_events: self.events.clone(),
+        let deliver = |notice: Notice| async move {
+            match notice {
+                Notice::Command { cluster, key } => match self.commands.get(&cluster, &key).await {
+                    Ok(Some(command)) if command.state == CommandState::Pending => {
+                        self.sessions.deliver(command);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, %cluster, %key, "cannot read a command another replica stored; the re-send sweep sends it")
+                    }
+                },
+                Notice::Acked { cluster, key } => self.commands.announce_acked(cluster, key),
+                Notice::Migration { event } => {
+                    let _ = self.migration_events.send(event);
+                }
+                Notice::Inventory { event } => {
+                    let _ = self.events.send(event);
+                }
+            }
         };
-        self.replicas.run(self.store.clone(), to, shutdown).await;
+        self.replicas
+            .run(self.store.clone(), deliver, shutdown)
+            .await;
     }
 
     /// The agent endpoint's TLS listener on `tcp`, with a server certificate for `names`.
@@ -189,7 +219,7 @@ impl Hub {
         listener: TlsListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        agent_endpoint::serve(
+        endpoint::serve(
             listener,
             self.identities.clone(),
             self.sessions.clone(),

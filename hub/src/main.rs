@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use drover_hub::hub::ReplicaSettings;
-use drover_hub::pki::Pki;
-use drover_hub::seed::SeedPlan;
+use drover_hub::config::{HubConfig, ReplicaSettings};
+use drover_hub::inventory::seed::SeedPlan;
 use drover_hub::store::{redact, sqlite_url};
 use drover_hub::Hub;
-use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -143,7 +141,7 @@ struct ServeArgs {
         value_parser = parse_pair_budget,
         global = true
     )]
-    pair_budgets: Vec<drover_hub::admission::PairBudget>,
+    pair_budgets: Vec<drover_hub::core::admission::PairBudget>,
     /// How many times an evacuation tries to move one VM (a retry only when the source still
     /// runs and the target was cleaned up).
     #[arg(long, env = "DROVER_MIGRATION_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20), global = true)]
@@ -155,7 +153,7 @@ struct ServeArgs {
 }
 
 /// `east-1:west-1=268435456`: the budget of migrations from east-1 to west-1.
-fn parse_pair_budget(text: &str) -> Result<drover_hub::admission::PairBudget, String> {
+fn parse_pair_budget(text: &str) -> Result<drover_hub::core::admission::PairBudget, String> {
     let usage = "expected SOURCE:TARGET=BYTES_PER_SEC, e.g. east-1:west-1=268435456";
     let (pair, bytes) = text
         .split_once('=')
@@ -171,7 +169,7 @@ fn parse_pair_budget(text: &str) -> Result<drover_hub::admission::PairBudget, St
     let bytes_per_sec = bytes.trim().parse::<u64>().map_err(|e| {
         format!("{text:?}: the budget {bytes:?} is not a number of bytes per second ({e}); {usage}")
     })?;
-    Ok(drover_hub::admission::PairBudget {
+    Ok(drover_hub::core::admission::PairBudget {
         source: name(source)?,
         target: name(target)?,
         bytes_per_sec,
@@ -179,8 +177,8 @@ fn parse_pair_budget(text: &str) -> Result<drover_hub::admission::PairBudget, St
 }
 
 impl ServeArgs {
-    fn scheduler_settings(&self) -> drover_hub::scheduler::SchedulerSettings {
-        drover_hub::scheduler::SchedulerSettings {
+    fn scheduler_settings(&self) -> drover_hub::config::SchedulerSettings {
+        drover_hub::config::SchedulerSettings {
             max_in_flight: self.max_migrations_in_flight as usize,
             pair_bandwidth_bytes_per_sec: self.pair_bandwidth_bytes_per_sec,
             pair_budgets: self.pair_budgets.clone(),
@@ -189,14 +187,14 @@ impl ServeArgs {
         }
     }
 
-    fn session_timing(&self) -> anyhow::Result<drover_hub::sessions::SessionTiming> {
+    fn session_timing(&self) -> anyhow::Result<drover_hub::agents::sessions::SessionTiming> {
         anyhow::ensure!(
             self.silence_limit_secs > self.heartbeat_interval_secs,
             "--silence-limit-secs ({}) must be longer than --heartbeat-interval-secs ({}), or every cluster would flap to Unreachable",
             self.silence_limit_secs,
             self.heartbeat_interval_secs
         );
-        Ok(drover_hub::sessions::SessionTiming {
+        Ok(drover_hub::agents::sessions::SessionTiming {
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
             silence_limit: Duration::from_secs(self.silence_limit_secs),
             ..Default::default()
@@ -230,42 +228,45 @@ impl DatabaseArgs {
             }
         }
     }
+}
 
-    fn pki(&self) -> anyhow::Result<Arc<Pki>> {
-        let pki = match (&self.ca_cert, &self.ca_key) {
-            (Some(cert), Some(key)) => Pki::load(cert, key),
-            _ => Pki::load_or_create(&self.data_dir.join("pki")),
-        };
-        Ok(Arc::new(pki.context(
-            "cannot set up the hub's certificate authority",
-        )?))
-    }
-
-    async fn open(&self) -> anyhow::Result<Hub> {
-        let url = self.url()?;
-        let pki = self.pki()?;
-        tracing::info!(database = %redact(&url), "opening inventory store");
-        let name = drover_hub::leases::replica_name(self.replica_name.as_deref(), &self.data_dir)
+impl Cli {
+    /// The one typed configuration, read and checked once: every later step is given it.
+    fn config(&self) -> anyhow::Result<HubConfig> {
+        let db = &self.db;
+        let serve = &self.serve;
+        let database_url = db.url()?;
+        let name = drover_hub::store::leases::replica_name(db.replica_name.as_deref(), &db.data_dir)
             .with_context(|| {
                 format!(
                     "cannot keep this replica's name in {}; pass --replica-name or a writable --data-dir",
-                    self.data_dir.display()
+                    db.data_dir.display()
                 )
             })?;
-        let replica = ReplicaSettings {
-            name,
-            lease: Duration::from_secs(self.lease_secs),
-        };
-        tracing::info!(replica = %replica.name, lease = ?replica.lease, "hub replica");
-        Hub::open_waiting(
-            &url,
-            pki,
-            Duration::from_secs(self.database_wait_secs),
-            replica,
-        )
+        Ok(HubConfig {
+            database_url,
+            database_wait: Duration::from_secs(db.database_wait_secs),
+            data_dir: db.data_dir.clone(),
+            ca: db.ca_cert.clone().zip(db.ca_key.clone()),
+            otlp_endpoint: db.otlp_endpoint.clone(),
+            replica: ReplicaSettings {
+                name,
+                lease: Duration::from_secs(db.lease_secs),
+            },
+            listen: serve.listen,
+            agent_listen: serve.agent_listen,
+            agent_server_names: serve.agent_server_names.clone(),
+            sessions: serve.session_timing()?,
+            scheduler: serve.scheduler_settings(),
+        })
+    }
+}
+
+async fn open(config: &HubConfig) -> anyhow::Result<Hub> {
+    tracing::info!(database = %redact(&config.database_url), replica = %config.replica.name, lease = ?config.replica.lease, "opening inventory store");
+    Hub::open_configured(config)
         .await
         .context("cannot open the inventory store")
-    }
 }
 
 /// How long SIGTERM or Ctrl-C waits for open work to end before the hub exits anyway.
@@ -293,8 +294,9 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config = cli.config()?;
     let export =
-        cli.db
+        config
             .otlp_endpoint
             .clone()
             .map(|endpoint| drover_shared::telemetry::TraceExport {
@@ -304,18 +306,16 @@ async fn main() -> anyhow::Result<()> {
             });
     let telemetry =
         drover_shared::telemetry::init_with_export(export).map_err(anyhow::Error::msg)?;
-    let result = execute(cli).await;
+    let result = execute(cli.command.unwrap_or(Command::Serve), config).await;
     telemetry.shutdown();
     result
 }
 
-async fn execute(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Serve) {
+async fn execute(command: Command, config: HubConfig) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
-            let args = cli.serve;
-            let timing = args.session_timing()?;
-            let hub = cli.db.open().await?.with_session_timing(timing);
-            hub.scheduler.set_settings(args.scheduler_settings());
+            let args = &config;
+            let hub = open(&config).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {
@@ -375,7 +375,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             agent_api?;
         }
         Command::Seed(args) => {
-            let hub = cli.db.open().await?;
+            let hub = open(&config).await?;
             let plan = SeedPlan {
                 clusters: args.clusters as usize,
                 vms_per_cluster: args.vms_per_cluster as usize,
@@ -383,7 +383,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             let started = std::time::Instant::now();
             let total = plan.clusters;
-            let report = drover_hub::seed::seed(&hub.ingest, &plan, |done| {
+            let report = drover_hub::inventory::seed::seed(&hub.ingest, &plan, |done| {
                 if done % 50 == 0 || done == total {
                     eprintln!("seeded {done}/{total} clusters");
                 }

@@ -12,10 +12,8 @@ use std::time::Duration;
 use drover_graphql::{InventoryEvent, MigrationEvent};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use crate::commands::CommandStore;
-use crate::sessions::Sessions;
 use crate::store::Store;
 
 /// The one channel replicas listen on.
@@ -62,14 +60,6 @@ pub struct ReplicaBus {
     unsent: Arc<Mutex<Option<mpsc::Receiver<Notice>>>>,
 }
 
-/// Where notices from other replicas go on this one.
-pub struct Receivers {
-    pub commands: CommandStore,
-    pub sessions: Sessions,
-    pub migration_events: broadcast::Sender<MigrationEvent>,
-    pub inventory_events: broadcast::Sender<InventoryEvent>,
-}
-
 impl ReplicaBus {
     /// A bus for `replica` on `backend` (silent on SQLite).
     pub fn new(replica: &str, backend: DbBackend) -> Self {
@@ -100,14 +90,17 @@ impl ReplicaBus {
         }
     }
 
-    /// Sends what this replica tells and passes on what the others tell it, until `stop`
+    /// Sends what this replica tells and hands `deliver` what the others tell it, until `stop`
     /// resolves. Returns at once on SQLite, or when called a second time.
-    pub async fn run(
+    pub async fn run<F, Heard>(
         &self,
         store: Store,
-        to: Receivers,
+        deliver: F,
         stop: impl std::future::Future<Output = ()>,
-    ) {
+    ) where
+        F: Fn(Notice) -> Heard,
+        Heard: std::future::Future<Output = ()>,
+    {
         let Some(mut unsent) = self.unsent.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
@@ -115,7 +108,7 @@ impl ReplicaBus {
         tokio::select! {
             () = &mut stop => {}
             () = send_all(&store, &self.replica, &mut unsent) => {}
-            () = listen(&store, &self.replica, &to) => {}
+            () = listen(&store, &self.replica, &deliver) => {}
         }
     }
 }
@@ -158,7 +151,11 @@ async fn send_all(store: &Store, replica: &str, unsent: &mut mpsc::Receiver<Noti
 }
 
 /// Listens until the process stops; a lost connection is opened again with backoff.
-async fn listen(store: &Store, replica: &str, to: &Receivers) {
+async fn listen<F, Heard>(store: &Store, replica: &str, deliver: &F)
+where
+    F: Fn(Notice) -> Heard,
+    Heard: std::future::Future<Output = ()>,
+{
     use sea_orm::sqlx::postgres::PgListener;
     let cap = Duration::from_secs(10);
     let mut delays = crate::retry::delays(Duration::from_millis(200), cap);
@@ -185,7 +182,8 @@ async fn listen(store: &Store, replica: &str, to: &Receivers) {
                 Ok(notification) => {
                     match serde_json::from_str::<Envelope>(notification.payload()) {
                         Ok(envelope) if envelope.from != replica => {
-                            deliver(envelope.notice, to).await
+                            metrics::counter!("drover_replica_notices_received_total").increment(1);
+                            deliver(envelope.notice).await
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -201,28 +199,6 @@ async fn listen(store: &Store, replica: &str, to: &Receivers) {
                     break;
                 }
             }
-        }
-    }
-}
-
-async fn deliver(notice: Notice, to: &Receivers) {
-    metrics::counter!("drover_replica_notices_received_total").increment(1);
-    match notice {
-        Notice::Command { cluster, key } => match to.commands.get(&cluster, &key).await {
-            Ok(Some(command)) if command.state == crate::commands::CommandState::Pending => {
-                to.sessions.deliver(command);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, %cluster, %key, "cannot read a command another replica stored; the re-send sweep sends it")
-            }
-        },
-        Notice::Acked { cluster, key } => to.commands.announce_acked(cluster, key),
-        Notice::Migration { event } => {
-            let _ = to.migration_events.send(event);
-        }
-        Notice::Inventory { event } => {
-            let _ = to.inventory_events.send(event);
         }
     }
 }

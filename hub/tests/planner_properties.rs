@@ -9,17 +9,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use drover_hub::admission::{
+use drover_hub::core::admission::{
     admit, pair_reservation, AdmissionLimits, ClusterSlots, MigrationRequest, PairBudget,
     WaitReason,
 };
-use drover_hub::planner::{
+use drover_hub::core::planner::simulation::{
+    simulate, simulate_evacuation, simulate_plan, Dispatch, Event, SimulationSettings,
+};
+use drover_hub::core::planner::{
     effective_limits, plan_evacuation, plan_rebalance, policy_for, vm_ref, BlockerKind,
     Enforcement, Fleet, FleetCluster, MigrationPolicy, Plan, PlanOptions, RebalanceOptions,
     Reservation, AFFINITY_LABEL, ANTI_AFFINITY_LABEL, PINNED_LABEL,
-};
-use drover_hub::simulation::{
-    simulate, simulate_evacuation, simulate_plan, Dispatch, Event, SimulationSettings,
 };
 use drover_shared::inventory::{
     ClusterHealth, ClusterInfo, Disk, Interface, MigrationConfig, NodeInfo, RunStrategy,
@@ -653,10 +653,11 @@ fn check_plan(fleet: &Fleet, options: &PlanOptions, plan: &Plan) -> Result<(), S
 
 /// Replays a simulation log and checks every limit after every event.
 fn replay_log(
-    log: &[drover_hub::simulation::LogEntry],
+    log: &[drover_hub::core::planner::simulation::LogEntry],
     limits: &AdmissionLimits,
 ) -> Result<(), String> {
-    let mut running: HashMap<Uuid, &drover_hub::simulation::LogEntry> = HashMap::new();
+    let mut running: HashMap<Uuid, &drover_hub::core::planner::simulation::LogEntry> =
+        HashMap::new();
     let mut moved = HashSet::new();
     let mut last = 0.0;
     for e in log {
@@ -823,7 +824,7 @@ fn build_queue(spec: &QueueSpec) -> (Vec<MigrationRequest>, AdmissionLimits) {
                 )
             })
             .collect(),
-        pair_bandwidth: drover_hub::admission::PairBandwidth {
+        pair_bandwidth: drover_hub::core::admission::PairBandwidth {
             default_bytes_per_sec: spec.budget_mib << 20,
             pairs: vec![PairBudget {
                 source: "a".into(),

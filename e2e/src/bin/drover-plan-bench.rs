@@ -11,12 +11,14 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use drover_hub::admission::{AdmissionLimits, PairBandwidth};
-use drover_hub::planner::{
+use drover_hub::core::admission::{AdmissionLimits, PairBandwidth};
+use drover_hub::core::planner::simulation::{
+    simulate_plan, Dispatch, SimulationReport, SimulationSettings,
+};
+use drover_hub::core::planner::{
     effective_limits, plan_evacuation, DurationModel, Fleet, FleetCluster, MigrationPolicy,
     PlanOptions, AFFINITY_LABEL, ANTI_AFFINITY_LABEL, LIVE_MIGRATION_GATE, PINNED_LABEL,
 };
-use drover_hub::simulation::{simulate_plan, Dispatch, SimulationReport, SimulationSettings};
 use drover_shared::inventory::{
     ClusterHealth, ClusterInfo, Disk, Interface, MigrationConfig, NodeInfo, RunStrategy,
     RuntimeKind, StorageClass, VmInfo, VmPhase,

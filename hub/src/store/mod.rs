@@ -3,7 +3,9 @@
 //! more than the ORM gives (window functions, keyset pagination, label selectors).
 
 pub mod entities;
+pub mod leases;
 pub mod migration;
+pub mod policies;
 pub mod sql;
 
 use std::path::Path;

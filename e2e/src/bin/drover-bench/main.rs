@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use drover_e2e::postgres::PgCluster;
 use drover_e2e::process::process_cpu_seconds;
 use drover_e2e::testbed::{snapshot, vm, Backend, TestHub};
-use drover_hub::seed::SeedPlan;
+use drover_hub::inventory::seed::SeedPlan;
 use drover_hub::store::sql::Sql;
 use drover_shared::inventory::{InventoryChange, InventoryDelta};
 use drover_shared::ClusterName;
@@ -451,7 +451,7 @@ async fn inventory(
     let h = TestHub::new(Backend::Postgres, "bench_fleet").await?;
     println!("seeding {clusters} clusters x {vms_per_cluster} VMs on PostgreSQL through the ingest path ...");
     let t = Instant::now();
-    let report = drover_hub::seed::seed(
+    let report = drover_hub::inventory::seed::seed(
         &h.hub.ingest,
         &SeedPlan {
             clusters: clusters as usize,

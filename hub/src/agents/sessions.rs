@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use drover_shared::inventory::ClusterHealth;
+use drover_shared::migration::MigrationStatus;
 use drover_shared::protocol::{negotiate, AgentMessage, HubMessage, ReportedHealth};
 use drover_shared::ClusterName;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::commands::{CommandStore, StoredCommand};
-use crate::ingest::{Ingest, IngestError};
+use crate::agents::commands::{CommandStore, StoredCommand};
+use crate::inventory::ingest::{Ingest, IngestError};
 
 /// Timing of sessions; tests shorten it.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +41,14 @@ impl Default for SessionTiming {
     }
 }
 
+/// Where the migration status an agent reports goes (the migration lifecycle records it; the
+/// agent edge does not know what it means).
+#[async_trait::async_trait]
+pub trait MigrationReports: Send + Sync + 'static {
+    /// `from` reported `status` of a migration it takes part in.
+    async fn migration_status(&self, from: &ClusterName, status: &MigrationStatus);
+}
+
 /// A live session: its id, how to tell it to end, and where to hand it commands.
 struct LiveSession {
     id: u64,
@@ -60,8 +69,8 @@ pub struct Sessions {
     timing: SessionTiming,
     live: Arc<Mutex<HashMap<ClusterName, LiveSession>>>,
     next_id: Arc<AtomicU64>,
-    /// Progress reports go to `migrationEvents` subscribers too.
-    migration_events: tokio::sync::broadcast::Sender<drover_graphql::MigrationEvent>,
+    /// Where agents' migration status reports go (the orchestration records them).
+    reports: Arc<dyn MigrationReports>,
 }
 
 /// Largest message an agent may send (a snapshot of a big cluster fits comfortably).
@@ -72,13 +81,13 @@ impl Sessions {
         ingest: Ingest,
         commands: CommandStore,
         timing: SessionTiming,
-        migration_events: tokio::sync::broadcast::Sender<drover_graphql::MigrationEvent>,
+        reports: Arc<dyn MigrationReports>,
     ) -> Self {
         Self {
             ingest,
             commands,
             timing,
-            migration_events,
+            reports,
             live: Arc::default(),
             next_id: Arc::default(),
         }
@@ -373,17 +382,7 @@ impl Sessions {
                     tracing::warn!(%cluster, claimed = %status.cluster, "migration status for another cluster ignored");
                     return true;
                 }
-                if let Err(e) = crate::migrations::record_status(
-                    self.commands.store(),
-                    &self.migration_events,
-                    self.commands.replicas(),
-                    cluster,
-                    &status,
-                )
-                .await
-                {
-                    tracing::warn!(%cluster, migration = %status.migration_id, error = %e, "recording migration progress failed");
-                }
+                self.reports.migration_status(cluster, &status).await;
                 return true;
             }
             AgentMessage::CommandAck { key, outcome } => {

@@ -6,12 +6,12 @@
 //! reserved, never shared (as admission reserves them), so one migration's speed does not depend
 //! on the others. The plan's estimate runs the scheduler's admission over the plan's queue in
 //! virtual time with exactly these durations (no jitter, no failures) and reports when the last
-//! migration ends, next to the lower bound the limits allow (see [`crate::simulation`]).
+//! migration ends, next to the lower bound the limits allow (see [`crate::core::planner::simulation`]).
 
 use serde::{Deserialize, Serialize};
 
-use crate::admission::{AdmissionLimits, MigrationRequest};
-use crate::simulation::{self, SimulationSettings};
+use crate::core::admission::{AdmissionLimits, MigrationRequest};
+use crate::core::planner::simulation::{self, SimulationSettings};
 
 /// What the estimate assumes for a link nobody limits: 1 GiB/s.
 pub const ASSUMED_LINK_BYTES_PER_SEC: u64 = 1 << 30;

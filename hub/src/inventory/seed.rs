@@ -11,7 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
-use crate::ingest::{Ingest, IngestError};
+use crate::inventory::ingest::{Ingest, IngestError};
 use crate::store::entities::cluster;
 
 const GIB: u64 = 1 << 30;

@@ -38,6 +38,7 @@ mod blockers;
 pub mod estimate;
 pub mod policy;
 pub mod rebalance;
+pub mod simulation;
 mod targets;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -49,8 +50,8 @@ use drover_shared::{ClusterName, Namespace, VmName, VmRef};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::admission::{AdmissionLimits, MigrationRequest, PairBudget};
-pub use crate::policies::MigrationPolicy;
+use crate::core::admission::{AdmissionLimits, MigrationRequest, PairBudget};
+pub use crate::core::policy::MigrationPolicy;
 
 pub use blockers::{Blocker, BlockerKind};
 pub use estimate::{DurationModel, PlanEstimate};

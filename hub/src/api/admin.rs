@@ -12,9 +12,10 @@ use drover_graphql::{
 };
 use sea_orm::{QueryOrder, QuerySelect};
 
-use crate::evacuations::{self, EvacuationState, PlanRequest};
-use crate::planner::{Plan, PlanKind, RebalanceOptions};
-use crate::policies;
+use crate::core::planner::{Plan, PlanKind, RebalanceOptions};
+use crate::core::policy::MigrationPolicy;
+use crate::orchestration::evacuations::{self, EvacuationState, PlanRequest};
+use crate::store::policies;
 use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::MigrationPhase;
 use drover_shared::ClusterName;
@@ -22,9 +23,9 @@ use sea_orm::ConnectionTrait;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 
-use crate::commands::{CommandError, CommandState, CommandStore, StoredCommand};
-use crate::identity::Identities;
-use crate::sessions::Sessions;
+use crate::agents::commands::{CommandError, CommandState, CommandStore, StoredCommand};
+use crate::agents::identity::Identities;
+use crate::agents::sessions::Sessions;
 use crate::store::entities::{agent_certificate, cluster, evacuation, migration, vm};
 use crate::store::{sql::Sql, Store, StoreError};
 
@@ -33,12 +34,12 @@ pub struct HubAdmin {
     pub identities: Identities,
     pub sessions: Sessions,
     pub commands: CommandStore,
-    pub migrations: crate::migrations::Migrations,
-    pub scheduler: crate::scheduler::Scheduler,
+    pub migrations: crate::orchestration::migrations::Migrations,
+    pub scheduler: crate::orchestration::scheduler::Scheduler,
 }
 
-fn migrate_err(e: crate::migrations::MigrateError) -> AdminError {
-    use crate::migrations::MigrateError;
+fn migrate_err(e: crate::orchestration::migrations::MigrateError) -> AdminError {
+    use crate::orchestration::migrations::MigrateError;
     match e {
         e @ MigrateError::Preflight(_) => AdminError::Preflight(e.to_string()),
         MigrateError::NotFound(m) => AdminError::NotFound(m),
@@ -355,7 +356,7 @@ impl FleetAdmin for HubAdmin {
         policy: PolicyRecord,
         actor: &str,
     ) -> Result<(), AdminError> {
-        let stored = policies::MigrationPolicy {
+        let stored = MigrationPolicy {
             name: policy.name.clone(),
             vm_selector: policy.vm_selector.clone(),
             namespace_selector: policy.namespace_selector.clone(),
@@ -560,7 +561,7 @@ impl FleetAdmin for HubAdmin {
         let result = self
             .migrations
             .start(
-                crate::migrations::MigrateRequest {
+                crate::orchestration::migrations::MigrateRequest {
                     cluster: request.cluster,
                     namespace: request.namespace,
                     name: request.name,

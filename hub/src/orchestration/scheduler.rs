@@ -20,8 +20,9 @@ use sea_orm::{
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admission::{self, AdmissionLimits, ClusterSlots, MigrationRequest, PairBandwidth};
-use crate::migrations::Migrations;
+use crate::config::SchedulerSettings;
+use crate::core::admission::{self, AdmissionLimits, ClusterSlots, MigrationRequest};
+use crate::orchestration::migrations::Migrations;
 use crate::store::entities::{cluster, migration};
 use crate::store::{Store, StoreError};
 
@@ -29,45 +30,6 @@ use crate::store::{Store, StoreError};
 const TICK: Duration = Duration::from_secs(1);
 /// The advisory lock key that serialises admission across hub replicas ("drover-admit").
 pub const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
-
-/// Fleet-wide settings of the scheduler (hub flags).
-#[derive(Debug, Clone)]
-pub struct SchedulerSettings {
-    /// Migrations in flight in the whole fleet at most.
-    pub max_in_flight: usize,
-    /// Bytes per second one cluster pair may carry (0: unlimited), for pairs not in
-    /// `pair_budgets`.
-    pub pair_bandwidth_bytes_per_sec: u64,
-    /// Budgets of named (directed) cluster pairs, over the default.
-    pub pair_budgets: Vec<admission::PairBudget>,
-    /// How many times an evacuation's migration of one VM may be attempted.
-    pub max_attempts: i32,
-    /// No rebalance starts within this many seconds of the previous one, whatever a request
-    /// asks for (a request may only ask for longer).
-    pub rebalance_hold_down_secs: u64,
-}
-
-impl SchedulerSettings {
-    /// The bandwidth budgets of cluster pairs: the named ones, and the default for the rest.
-    pub fn pair_bandwidth(&self) -> PairBandwidth {
-        PairBandwidth {
-            default_bytes_per_sec: self.pair_bandwidth_bytes_per_sec,
-            pairs: self.pair_budgets.clone(),
-        }
-    }
-}
-
-impl Default for SchedulerSettings {
-    fn default() -> Self {
-        Self {
-            max_in_flight: 20,
-            pair_bandwidth_bytes_per_sec: 0,
-            pair_budgets: Vec::new(),
-            max_attempts: 3,
-            rebalance_hold_down_secs: 3600,
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -135,13 +97,14 @@ impl Scheduler {
         if resumed > 0 {
             tracing::info!(resumed, "drivers resumed");
         }
-        crate::evacuations::retry_failed(&self.store, &self.migrations, &settings).await?;
+        crate::orchestration::evacuations::retry_failed(&self.store, &self.migrations, &settings)
+            .await?;
         let admitted = self.admit().await?;
         if !admitted.is_empty() {
             // What this round admitted is driven here, unless another replica claimed it first.
             self.migrations.resume().await?;
         }
-        crate::evacuations::finish_ended(&self.store, settings.max_attempts).await?;
+        crate::orchestration::evacuations::finish_ended(&self.store, settings.max_attempts).await?;
         Ok(())
     }
 
@@ -205,7 +168,7 @@ impl Scheduler {
             let Some(row) = queued.iter().find(|r| r.id == id) else {
                 continue;
             };
-            let mut stamps = crate::migration_trace::stamps(row);
+            let mut stamps = crate::orchestration::migration_trace::stamps(row);
             for phase in [MigrationPhase::Scheduling, MigrationPhase::Scheduled] {
                 stamps.entry(phase.as_str().to_owned()).or_insert(now);
             }
@@ -234,18 +197,29 @@ impl Scheduler {
                         .unwrap_or_default()
                         .as_secs_f64(),
                 );
-                let queued_at = crate::migration_trace::stamps(row)
+                let queued_at = crate::orchestration::migration_trace::stamps(row)
                     .get(MigrationPhase::Pending.as_str())
                     .copied()
                     .unwrap_or(row.created_at);
-                crate::migration_trace::phase_ended(row, MigrationPhase::Pending, queued_at, now);
-                crate::migration_trace::phase_ended(row, MigrationPhase::Scheduling, now, now);
-                self.migrations.publish(crate::migrations::event_of(
+                crate::orchestration::migration_trace::phase_ended(
                     row,
-                    MigrationPhase::Scheduled,
-                    None,
-                    None,
-                ));
+                    MigrationPhase::Pending,
+                    queued_at,
+                    now,
+                );
+                crate::orchestration::migration_trace::phase_ended(
+                    row,
+                    MigrationPhase::Scheduling,
+                    now,
+                    now,
+                );
+                self.migrations
+                    .publish(crate::orchestration::migrations::event_of(
+                        row,
+                        MigrationPhase::Scheduled,
+                        None,
+                        None,
+                    ));
                 tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration admitted");
             }
         }

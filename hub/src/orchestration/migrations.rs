@@ -19,13 +19,13 @@ use uuid::Uuid;
 use drover_graphql::MigrationEvent;
 use tokio::sync::broadcast;
 
-use crate::commands::{CommandState, CommandStore, StoredCommand};
-use crate::lifecycle::{
+use crate::agents::commands::{CommandState, CommandStore, StoredCommand};
+use crate::agents::sessions::Sessions;
+use crate::core::lifecycle::{
     self, CancelDecision, Limits, Observation, Step, Stored, BEFORE_SEND, PREPARE_TIMEOUT,
     SEND_MARGIN,
 };
-use crate::migration_trace;
-use crate::sessions::Sessions;
+use crate::orchestration::migration_trace;
 use crate::store::entities::{cluster, migration, vm};
 use crate::store::{Store, StoreError};
 
@@ -88,7 +88,7 @@ pub struct Migrations {
         std::sync::Mutex<std::collections::HashMap<Uuid, tokio_util::sync::CancellationToken>>,
     >,
     /// Which migrations this replica may drive.
-    leases: crate::leases::Leases,
+    leases: crate::store::leases::Leases,
     /// Owns every driver task; `stop_drivers` ends them and waits for them.
     tasks: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
@@ -96,6 +96,24 @@ pub struct Migrations {
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Phase changes for `migrationEvents`.
     events: broadcast::Sender<MigrationEvent>,
+}
+
+/// Records what agents report of their migrations (progress, the switchover beginning) and
+/// passes it on to `migrationEvents` on every replica.
+pub struct StatusRecorder {
+    pub store: Store,
+    pub events: broadcast::Sender<MigrationEvent>,
+    pub replicas: crate::replicas::ReplicaBus,
+}
+
+#[async_trait::async_trait]
+impl crate::agents::sessions::MigrationReports for StatusRecorder {
+    async fn migration_status(&self, from: &ClusterName, status: &MigrationStatus) {
+        if let Err(e) = record_status(&self.store, &self.events, &self.replicas, from, status).await
+        {
+            tracing::warn!(cluster = %from, migration = %status.migration_id, error = %e, "recording migration progress failed");
+        }
+    }
 }
 
 /// The `migrationEvents` event for `row` now in `phase`.
@@ -128,7 +146,7 @@ impl Migrations {
         commands: CommandStore,
         sessions: Sessions,
         events: broadcast::Sender<MigrationEvent>,
-        leases: crate::leases::Leases,
+        leases: crate::store::leases::Leases,
     ) -> Self {
         Self {
             store,
@@ -163,7 +181,7 @@ impl Migrations {
     }
 
     /// This replica's leases.
-    pub fn leases(&self) -> &crate::leases::Leases {
+    pub fn leases(&self) -> &crate::store::leases::Leases {
         &self.leases
     }
 
@@ -229,7 +247,7 @@ impl Migrations {
             )]));
         }
         // The planner's rules, exactly as an evacuation applies them: one rulebook.
-        let fleet = crate::fleet_view::load_fleet(&self.store).await?;
+        let fleet = crate::inventory::fleet_view::load_fleet(&self.store).await?;
         let vm_ref = VmRef {
             cluster: req.cluster.clone(),
             namespace: Namespace::new(vm.namespace.clone())
@@ -237,9 +255,10 @@ impl Migrations {
             name: VmName::new(vm.name.clone())
                 .map_err(|e| MigrateError::NotFound(e.to_string()))?,
         };
-        let mut options = crate::planner::PlanOptions::new(MigrationId::new().0, Utc::now());
+        let mut options = crate::core::planner::PlanOptions::new(MigrationId::new().0, Utc::now());
         options.target_namespace = Some(req.target_namespace.clone());
-        let plan = crate::planner::plan_move(&fleet, &vm_ref, Some(&req.target_cluster), &options);
+        let plan =
+            crate::core::planner::plan_move(&fleet, &vm_ref, Some(&req.target_cluster), &options);
         if let Some(refused) = plan.cannot_move.first() {
             return Err(MigrateError::Preflight(
                 refused.reasons.iter().map(ToString::to_string).collect(),
@@ -487,7 +506,7 @@ impl Migrations {
             .submit(&cluster, key, &command, "drover-hub")
             .await
             .map_err(|e| match e {
-                crate::commands::CommandError::Store(s) => s,
+                crate::agents::commands::CommandError::Store(s) => s,
                 other => StoreError::Database(sea_orm::DbErr::Custom(other.to_string())),
             })?;
         if new {

@@ -1,5 +1,5 @@
 //! A virtual-time discrete-event simulator of the planner and the scheduler: it runs a queue of
-//! migrations (usually a plan's) through [`crate::admission`] exactly as the hub would — admit
+//! migrations (usually a plan's) through [`crate::core::admission`] exactly as the hub would — admit
 //! what fits, and whenever a migration ends, admit again at once — with modelled durations and
 //! failures, and checks at every instant, from its own record of what runs, that no limit is
 //! exceeded and no VM runs or moves twice. It reports the makespan, the lower bound the limits
@@ -8,7 +8,7 @@
 //!
 //! Model. Time is in microseconds. An attempt holds its slots for
 //! `(setup + bytes / rate) x jitter`, its rate being reserved (see
-//! [`crate::planner::estimate`]): the pair budget is never oversubscribed, so migrations do not
+//! [`crate::core::planner::estimate`]): the pair budget is never oversubscribed, so migrations do not
 //! slow each other. `jitter` is drawn uniformly from `[1 - j, 1 + j]`; with probability `p` an
 //! attempt fails part-way (uniformly between 10 % and 90 % of its duration) and is safe to retry
 //! unless a further draw says otherwise. Every draw is a hash of (seed, migration id, attempt),
@@ -33,10 +33,10 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::admission::{
+use crate::core::admission::{
     pair_reservation, AdmissionLimits, Admitter, FailureSafety, Finished, MigrationRequest, Outcome,
 };
-use crate::planner::{self, DurationModel, Fleet, Plan, PlanOptions};
+use crate::core::planner::{self, DurationModel, Fleet, Plan, PlanOptions};
 use drover_shared::ClusterName;
 
 const MICROS: f64 = 1_000_000.0;
@@ -647,7 +647,7 @@ pub fn simulate_evacuation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::{ClusterSlots, PairBudget};
+    use crate::core::admission::{ClusterSlots, PairBudget};
 
     fn request(n: u128, s: &str, node: &str, t: &str, gib: u64) -> MigrationRequest {
         MigrationRequest {

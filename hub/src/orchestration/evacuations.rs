@@ -19,11 +19,11 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admission::AdmissionLimits;
-use crate::fleet_view::load_fleet;
-use crate::migrations::{MigrateError, Migrations, QueuedMigration};
-use crate::planner::{self, Plan, PlanKind, PlanOptions, RebalanceOptions};
-use crate::scheduler::SchedulerSettings;
+use crate::config::SchedulerSettings;
+use crate::core::admission::AdmissionLimits;
+use crate::core::planner::{self, Plan, PlanKind, PlanOptions, RebalanceOptions};
+use crate::inventory::fleet_view::load_fleet;
+use crate::orchestration::migrations::{MigrateError, Migrations, QueuedMigration};
 use crate::store::entities::{cluster, evacuation, migration, vm};
 use crate::store::{Store, StoreError};
 
@@ -282,7 +282,7 @@ pub async fn start(
             queue_position: m.position.min(i64::MAX as u64) as i64,
             attempt: 1,
         };
-        if crate::migrations::insert_queued(&tx, m.id, &q, actor).await? {
+        if crate::orchestration::migrations::insert_queued(&tx, m.id, &q, actor).await? {
             queued.push(m.id);
         }
     }

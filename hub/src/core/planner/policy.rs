@@ -2,7 +2,7 @@
 //! policy's VM selector and namespace selector must both match entirely; among the policies that
 //! match, the one whose selectors name the most labels wins, and a tie goes to the policy whose
 //! name sorts first. What the winner leaves unset comes from the source cluster's migration
-//! configuration. The rules live in [`crate::policies`] (which also stores the policies); this
+//! configuration. The rules live in [`crate::core::policy`] (the store keeps the policies); this
 //! module applies them to a VM as the inventory reports it.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use drover_shared::inventory::{MigrationConfig, VmInfo};
 use drover_shared::migration::MigrationOptions;
 
 use super::FleetCluster;
-use crate::policies::{self, MigrationPolicy};
+use crate::core::policy::{self as policies, MigrationPolicy};
 
 /// The policy that applies to `vm` in a namespace labelled `namespace_labels`, if any.
 pub fn policy_for<'a>(

@@ -12,7 +12,7 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, Transacti
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::pki::{IssuedCertificate, Pki, PkiError};
+use crate::agents::pki::{IssuedCertificate, Pki, PkiError};
 use crate::store::entities::{agent_certificate, join_token};
 use crate::store::{Store, StoreError};
 

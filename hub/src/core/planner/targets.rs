@@ -18,7 +18,7 @@ use super::{
     LimitsInForce, Plan, PlanKind, PlanOptions, PlannedMove, AFFINITY_LABEL, ANTI_AFFINITY_LABEL,
     LIVE_MIGRATION_GATE, PINNED_LABEL,
 };
-use crate::admission::{pair_budgets, AdmissionLimits, ClusterSlots, PairBudget};
+use crate::core::admission::{pair_budgets, AdmissionLimits, ClusterSlots, PairBudget};
 
 /// A fast, non-cryptographic hasher (FxHash's multiply-rotate) for the planner's own indexes of
 /// MACs and names: these are hashed a few hundred thousand times per plan, and SipHash's

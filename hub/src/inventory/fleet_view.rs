@@ -12,7 +12,7 @@ use drover_shared::{ClusterName, Namespace, VmName, VmRef};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use uuid::Uuid;
 
-use crate::planner::{Fleet, FleetCluster, Reservation};
+use crate::core::planner::{Fleet, FleetCluster, Reservation};
 use crate::store::entities::{cluster, cluster_label, migration, node, vm, vm_label};
 use crate::store::{Store, StoreError};
 
@@ -153,7 +153,7 @@ pub async fn load_fleet(store: &Store) -> Result<Fleet, StoreError> {
             labels,
         });
     }
-    fleet.policies = crate::policies::load(store).await?;
+    fleet.policies = crate::store::policies::load(store).await?;
     for m in migration::Entity::find()
         .filter(migration::Column::Phase.eq(MigrationPhase::Succeeded.as_str()))
         .all(db)

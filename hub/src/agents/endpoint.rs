@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::identity::{Identities, JoinError};
-use crate::sessions::Sessions;
+use crate::agents::identity::{Identities, JoinError};
+use crate::agents::sessions::Sessions;
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
