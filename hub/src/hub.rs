@@ -103,7 +103,7 @@ impl Hub {
             config.replica.clone(),
         )
         .await?
-        .with_session_timing(config.sessions.clone());
+        .with_session_timing(config.sessions);
         hub.scheduler.set_settings(config.scheduler.clone());
         Ok(hub)
     }
