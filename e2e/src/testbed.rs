@@ -26,6 +26,8 @@ pub struct TestHub {
     pub hub: Hub,
     pub url: String,
     pub pki: std::sync::Arc<drover_hub::agents::pki::Pki>,
+    /// The hub's clock: runs with the system's until a test pauses or advances it.
+    pub clock: drover_hub::clock::Clock,
     _dir: Option<tempfile::TempDir>,
     _pki_dir: tempfile::TempDir,
 }
@@ -46,13 +48,17 @@ impl TestHub {
         let pki = std::sync::Arc::new(drover_hub::agents::pki::Pki::load_or_create(
             pki_dir.path(),
         )?);
-        let hub = Hub::open(&url, pki.clone())
+        let clock = drover_hub::clock::Clock::adjustable();
+        let store = drover_hub::store::Store::open(&url)
             .await
-            .with_context(|| format!("open hub on {url}"))?;
+            .with_context(|| format!("open hub on {url}"))?
+            .with_clock(clock.clone());
+        let hub = Hub::with_store(store, pki.clone());
         Ok(Self {
             hub,
             url,
             pki,
+            clock,
             _dir: dir,
             _pki_dir: pki_dir,
         })

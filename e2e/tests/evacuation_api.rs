@@ -576,6 +576,17 @@ async fn a_rebalance_moves_towards_the_band_and_holds_down(b: Backend) {
         Some("CONFLICT"),
         "holdDownSeconds: 0 does not bypass the hub's hold-down: {impatient}"
     );
+    // In virtual time: ten seconds before the hour is up, still refused; once it is, the next
+    // rebalance starts.
+    h.clock.advance(std::time::Duration::from_secs(3590));
+    let early = h.gql(start, json!({})).await;
+    assert_eq!(error_code(&early).as_deref(), Some("CONFLICT"), "{early}");
+    h.clock.advance(std::time::Duration::from_secs(11));
+    let later = h.data(start, json!({})).await;
+    assert_eq!(
+        later["startRebalance"]["counters"]["planned"], 2,
+        "the hold-down is over after the hub's hour: {later}"
+    );
     let bad = h
         .gql(
             r#"mutation { planRebalance(input: {band: 2.0}) { kind } }"#,

@@ -23,7 +23,8 @@ use uuid::Uuid;
 on_both_backends!(
     a_resumed_driver_sends_what_was_never_sent,
     a_lease_has_one_holder_and_passes_on_only_when_it_runs_out,
-    a_cancel_is_refused_once_the_switchover_began
+    a_cancel_is_refused_once_the_switchover_began,
+    a_target_that_never_answers_fails_at_the_prepare_timeout_in_virtual_time
 );
 
 const TIMING: SessionTiming = SessionTiming {
@@ -46,6 +47,24 @@ async fn cluster_id(e: &AgentEndpoint, name: &str) -> Uuid {
 
 /// A migration of `web/<name>` from east-1 to west-1, left in `Running` without its send.
 async fn running_without_send(e: &AgentEndpoint, name: &str, cancel_reason: Option<&str>) -> Uuid {
+    let phases = [
+        "Pending",
+        "Scheduled",
+        "PreparingTarget",
+        "TargetReady",
+        "Running",
+    ];
+    left_in(e, name, &phases, cancel_reason).await
+}
+
+/// A migration of `web/<name>` from east-1 to west-1, left in the last of `phases` (each
+/// stamped now, on the hub's clock), with no driver.
+async fn left_in(
+    e: &AgentEndpoint,
+    name: &str,
+    phases: &[&str],
+    cancel_reason: Option<&str>,
+) -> Uuid {
     let (east, west) = (cluster_id(e, "east-1").await, cluster_id(e, "west-1").await);
     let migrations = &e.hub.hub.migrations;
     let id = migrations
@@ -74,13 +93,14 @@ async fn running_without_send(e: &AgentEndpoint, name: &str, cancel_reason: Opti
         )
         .await
         .unwrap();
-    let now = chrono::Utc::now();
+    let now = e.hub.clock.now();
+    let stamps: serde_json::Map<String, serde_json::Value> = phases
+        .iter()
+        .map(|p| ((*p).to_owned(), json!(now)))
+        .collect();
     migration::Entity::update_many()
-        .col_expr(migration::Column::Phase, "Running".into())
-        .col_expr(
-            migration::Column::PhaseTimestamps,
-            json!({"Pending": now, "Scheduled": now, "PreparingTarget": now, "TargetReady": now, "Running": now}).into(),
-        )
+        .col_expr(migration::Column::Phase, phases[phases.len() - 1].into())
+        .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
         .col_expr(
             migration::Column::FailureReason,
             cancel_reason.map(str::to_owned).into(),
@@ -283,4 +303,62 @@ async fn a_cancel_is_refused_once_the_switchover_began(b: Backend) {
     let after = row(&e, id).await;
     assert_eq!(after.phase, "Running");
     assert_eq!(after.failure_reason, None, "no cancel was recorded");
+}
+
+/// The prepare timeout (300 s) in virtual time: the target's agent is away, its command stays
+/// unanswered; nothing fails while the hub's clock stands still, and the migration fails with
+/// the timeout's reason as soon as the clock is moved past it.
+async fn a_target_that_never_answers_fails_at_the_prepare_timeout_in_virtual_time(b: Backend) {
+    let e = AgentEndpoint::start_on(b, "prepare_timeout", Some(TIMING))
+        .await
+        .unwrap();
+    for name in ["east-1", "west-1"] {
+        let mut s = snapshot(name, 1, vec![node("node-a", 64, 32)], Vec::new());
+        s.info.sync_endpoint = Some(format!("{name}.example:9185"));
+        e.hub.hub.ingest.apply_snapshot(&s).await.unwrap();
+    }
+    e.hub.clock.pause();
+    let id = left_in(&e, "api-1", &["Pending", "Scheduled"], None).await;
+    e.hub.hub.migrations.resume().await.unwrap();
+    eventually("the target was asked to prepare", PATIENCE, async || {
+        row(&e, id).await.phase == "PreparingTarget"
+    })
+    .await;
+    let prepare = e
+        .hub
+        .hub
+        .commands
+        .get("west-1", &format!("{id}/prepare-receiver"))
+        .await
+        .unwrap();
+    assert!(
+        prepare.is_some(),
+        "the prepare command is stored for west-1"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        row(&e, id).await.phase,
+        "PreparingTarget",
+        "no time passed on the hub's clock: still waiting"
+    );
+    e.hub
+        .clock
+        .advance(drover_hub::core::lifecycle::PREPARE_TIMEOUT + Duration::from_secs(1));
+    eventually(
+        "the migration failed at its timeout",
+        Duration::from_secs(20),
+        async || row(&e, id).await.phase == "Failed",
+    )
+    .await;
+    let failed = row(&e, id).await;
+    assert_eq!(
+        failed.failure_reason.as_deref(),
+        Some("the target was not ready within 300 s"),
+        "{failed:?}"
+    );
+    e.hub
+        .hub
+        .migrations
+        .stop_drivers(Duration::from_secs(10))
+        .await;
 }

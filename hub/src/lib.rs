@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod hub;

@@ -180,7 +180,7 @@ impl CommandStore {
             state: Set(CommandState::Pending.as_str().to_owned()),
             result_message: Set(None),
             created_by: Set(actor.to_owned()),
-            created_at: Set(Utc::now()),
+            created_at: Set(self.store.clock.now()),
             sent_at: Set(None),
             send_count: Set(0),
             acked_at: Set(None),
@@ -246,7 +246,7 @@ impl CommandStore {
     /// least `NEVER_SENT_AFTER` ago, oldest first (callers check each one's own backoff with
     /// `resend_due`).
     pub async fn unacknowledged(&self) -> Result<Vec<StoredCommand>, StoreError> {
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let cutoff = now - chrono::Duration::from_std(RESEND_AFTER).unwrap_or_default();
         let unsent_cutoff = now - chrono::Duration::from_std(NEVER_SENT_AFTER).unwrap_or_default();
         agent_command::Entity::find()
@@ -272,7 +272,10 @@ impl CommandStore {
     /// Records that the command with row `id` went out once more.
     pub async fn mark_sent(&self, id: i64) -> Result<(), StoreError> {
         agent_command::Entity::update_many()
-            .col_expr(agent_command::Column::SentAt, Some(Utc::now()).into())
+            .col_expr(
+                agent_command::Column::SentAt,
+                Some(self.store.clock.now()).into(),
+            )
             .col_expr(
                 agent_command::Column::SendCount,
                 sea_orm::sea_query::Expr::col(agent_command::Column::SendCount).add(1),
@@ -302,7 +305,10 @@ impl CommandStore {
                 agent_command::Column::ResultMessage,
                 Some(outcome.message().to_owned()).into(),
             )
-            .col_expr(agent_command::Column::AckedAt, Some(Utc::now()).into())
+            .col_expr(
+                agent_command::Column::AckedAt,
+                Some(self.store.clock.now()).into(),
+            )
             .filter(agent_command::Column::ClusterName.eq(cluster))
             .filter(agent_command::Column::IdempotencyKey.eq(key))
             .filter(agent_command::Column::State.eq(CommandState::Pending.as_str()))
@@ -336,6 +342,9 @@ impl CommandStore {
     ) -> Result<Option<StoredCommand>, StoreError> {
         let mut acked = self.acked.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
+        // The hub's clock may be moved on (tests in virtual time): its deadline counts too.
+        let until = self.store.clock.now()
+            + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
         loop {
             let current = self.get(cluster, key).await?;
             match &current {
@@ -357,7 +366,7 @@ impl CommandStore {
                     _ = tokio::time::sleep_until(poll) => break,
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline || self.store.clock.now() >= until {
                 return self.get(cluster, key).await;
             }
         }

@@ -102,7 +102,7 @@ impl Identities {
     ) -> Result<NewJoinToken, StoreError> {
         let secret_bytes: [u8; 32] = rand::random();
         let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_bytes);
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let expires_at =
             now + chrono::Duration::from_std(ttl.min(MAX_TOKEN_TTL)).unwrap_or_default();
         join_token::Entity::insert(join_token::ActiveModel {
@@ -136,7 +136,7 @@ impl Identities {
             tracing::warn!(%cluster, "join refused: malformed token");
             JoinError::TokenRefused
         })?;
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let tx = self.store.db.begin().await?;
         let redeemed = join_token::Entity::update_many()
             .col_expr(join_token::Column::UsedAt, Some(now).into())
@@ -154,7 +154,7 @@ impl Identities {
         let issued = self
             .pki
             .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        record_certificate(&tx, cluster, &issued).await?;
+        record_certificate(&tx, cluster, &issued, self.store.clock.now()).await?;
         tx.commit().await?;
         tracing::info!(%cluster, serial = %issued.serial, "agent joined");
         Ok(issued)
@@ -170,7 +170,7 @@ impl Identities {
         let issued = self
             .pki
             .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        record_certificate(&self.store.db, cluster, &issued).await?;
+        record_certificate(&self.store.db, cluster, &issued, self.store.clock.now()).await?;
         tracing::info!(%cluster, serial = %issued.serial, "agent certificate renewed");
         Ok(issued)
     }
@@ -193,7 +193,7 @@ impl Identities {
         let res = agent_certificate::Entity::update_many()
             .col_expr(
                 agent_certificate::Column::RevokedAt,
-                Some(Utc::now()).into(),
+                Some(self.store.clock.now()).into(),
             )
             .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
             .filter(agent_certificate::Column::RevokedAt.is_null())
@@ -208,6 +208,7 @@ async fn record_certificate(
     db: &impl sea_orm::ConnectionTrait,
     cluster: &ClusterName,
     issued: &IssuedCertificate,
+    now: chrono::DateTime<Utc>,
 ) -> Result<(), sea_orm::DbErr> {
     agent_certificate::Entity::insert(agent_certificate::ActiveModel {
         serial: Set(issued.serial.clone()),
@@ -216,7 +217,7 @@ async fn record_certificate(
         not_before: Set(issued.not_before),
         not_after: Set(issued.not_after),
         revoked_at: Set(None),
-        created_at: Set(Utc::now()),
+        created_at: Set(now),
     })
     .exec_without_returning(db)
     .await?;

@@ -141,7 +141,7 @@ impl Sessions {
 
     /// Re-sends every unacknowledged command whose backoff has passed to its live session.
     async fn resend_unacknowledged(&self) -> Result<(), crate::store::StoreError> {
-        let now = chrono::Utc::now();
+        let now = self.commands.store().clock.now();
         for command in self.commands.unacknowledged().await? {
             if command.resend_due().is_some_and(|due| due <= now) {
                 tracing::debug!(cluster = %command.cluster, key = %command.key, sends = command.send_count, "re-sending an unacknowledged command");

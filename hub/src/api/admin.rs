@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use drover_graphql::{
     AdminError, CannotMoveRecord, ClusterLimitsRecord, CommandProgress, CommandRecord,
     EvacuationRecord, FleetAdmin, JoinTokenRecord, MigrateRequest, PlanAsk, PlanRecord,
@@ -93,7 +92,7 @@ impl HubAdmin {
     ) {
         let mut sql = Sql::new(self.store.backend());
         sql.push("INSERT INTO audit_log (at, actor, action, target, result, details) VALUES (")
-            .bind(Utc::now())
+            .bind(self.store.clock.now())
             .push(", ")
             .bind(actor.to_owned())
             .push(", ")
@@ -221,7 +220,9 @@ impl HubAdmin {
     ) -> Result<EvacuationRecord, AdminError> {
         let c = evacuations::counters_of(&e, rows, max_attempts);
         let estimated_finish_at = match EvacuationState::parse(&e.state) {
-            Some(EvacuationState::Running) => evacuations::estimated_finish(&e, rows, Utc::now()),
+            Some(EvacuationState::Running) => {
+                evacuations::estimated_finish(&e, rows, self.store.clock.now())
+            }
             _ => e.finished_at,
         };
         Ok(EvacuationRecord {
@@ -639,7 +640,7 @@ impl HubAdmin {
         let revoked = agent_certificate::Entity::update_many()
             .col_expr(
                 agent_certificate::Column::RevokedAt,
-                Some(Utc::now()).into(),
+                Some(self.store.clock.now()).into(),
             )
             .filter(agent_certificate::Column::ClusterName.eq(name.as_str()))
             .filter(agent_certificate::Column::RevokedAt.is_null())

@@ -165,7 +165,7 @@ impl Ingest {
     ) -> Result<IngestOutcome, IngestError> {
         snap.validate()?;
         let _turn = self.write_turn().await;
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let tx = self.store.db.begin().await?;
         let existing = lock_or_create_cluster(&tx, snap.cluster.as_str(), &snap.info, now).await?;
         check_generation(&existing, snap.generation)?;
@@ -256,7 +256,7 @@ impl Ingest {
     pub async fn apply_delta(&self, delta: &InventoryDelta) -> Result<IngestOutcome, IngestError> {
         delta.validate()?;
         let _turn = self.write_turn().await;
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let tx = self.store.db.begin().await?;
         let existing = lock_cluster(&tx, delta.cluster.as_str())
             .await?
@@ -379,7 +379,7 @@ impl Ingest {
         health: ClusterHealth,
         changed: bool,
     ) -> Result<(), IngestError> {
-        self.write_health(cluster, health, Some(Utc::now()), changed)
+        self.write_health(cluster, health, Some(self.store.clock.now()), changed)
             .await
     }
 
@@ -391,7 +391,7 @@ impl Ingest {
         publish: bool,
     ) -> Result<(), IngestError> {
         let _turn = self.write_turn().await;
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let mut update = cluster::Entity::update_many()
             .col_expr(cluster::Column::Health, health.as_str().into())
             .col_expr(cluster::Column::UpdatedAt, now.into())
@@ -419,7 +419,7 @@ impl Ingest {
         silence: std::time::Duration,
     ) -> Result<Vec<String>, IngestError> {
         let _turn = self.write_turn().await;
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let cutoff = now - chrono::Duration::from_std(silence).unwrap_or_default();
         let mut sql = Sql::new(self.store.backend());
         sql.push("SELECT name FROM clusters WHERE health <> ")

@@ -52,8 +52,8 @@ pub struct Counters {
 }
 
 /// How the hub plans: its scheduler's limits, now.
-fn plan_options(settings: &SchedulerSettings) -> PlanOptions {
-    let mut options = PlanOptions::new(Uuid::now_v7(), Utc::now());
+fn plan_options(settings: &SchedulerSettings, now: DateTime<Utc>) -> PlanOptions {
+    let mut options = PlanOptions::new(Uuid::now_v7(), now);
     options.limits = AdmissionLimits {
         max_in_flight: settings.max_in_flight,
         max_attempts: settings.max_attempts.max(1) as u32,
@@ -66,7 +66,7 @@ fn plan_options(settings: &SchedulerSettings) -> PlanOptions {
 /// Cordons (or uncordons) a cluster; cordoning again keeps the first time. False when there is
 /// no such cluster.
 pub async fn cordon(store: &Store, name: &str, maintenance: bool) -> Result<bool, StoreError> {
-    let now = Utc::now();
+    let now = store.clock.now();
     let mut update = cluster::Entity::update_many()
         .col_expr(cluster::Column::Maintenance, maintenance.into())
         .col_expr(cluster::Column::UpdatedAt, now.into())
@@ -96,7 +96,7 @@ pub async fn plan(
     settings: &SchedulerSettings,
 ) -> Result<Plan, MigrateError> {
     let fleet = load_fleet(store).await?;
-    let options = plan_options(settings);
+    let options = plan_options(settings, store.clock.now());
     Ok(match request {
         PlanRequest::Evacuation { cluster } => {
             let name = ClusterName::new(cluster.clone())
@@ -202,7 +202,7 @@ pub async fn start(
         )));
     }
     let id = plan.id;
-    let now = Utc::now();
+    let now = store.clock.now();
     let source_id = match evacuated(&plan) {
         Some(name) => cluster::Entity::find()
             .filter(cluster::Column::Name.eq(name.as_str()))
@@ -282,7 +282,7 @@ pub async fn start(
             queue_position: m.position.min(i64::MAX as u64) as i64,
             attempt: 1,
         };
-        if crate::orchestration::migrations::insert_queued(&tx, m.id, &q, actor).await? {
+        if crate::orchestration::migrations::insert_queued(&tx, m.id, &q, actor, now).await? {
             queued.push(m.id);
         }
     }
@@ -320,7 +320,10 @@ pub async fn cancel(
             evacuation::Column::State,
             EvacuationState::Cancelled.as_str().into(),
         )
-        .col_expr(evacuation::Column::FinishedAt, Some(Utc::now()).into())
+        .col_expr(
+            evacuation::Column::FinishedAt,
+            Some(store.clock.now()).into(),
+        )
         .filter(evacuation::Column::Id.eq(id))
         .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
         .exec(&store.db)
@@ -531,7 +534,10 @@ pub async fn finish_ended(store: &Store, max_attempts: i32) -> Result<(), StoreE
         evacuation::Entity::update_many()
             .col_expr(evacuation::Column::State, state.as_str().into())
             .col_expr(evacuation::Column::Counters, json!(c).into())
-            .col_expr(evacuation::Column::FinishedAt, Some(Utc::now()).into())
+            .col_expr(
+                evacuation::Column::FinishedAt,
+                Some(store.clock.now()).into(),
+            )
             .filter(evacuation::Column::Id.eq(e.id))
             .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
             .exec(&store.db)

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::{MigrationConfig, MigrationPhase};
 use drover_shared::migration::{MigrationOptions, MigrationStatus};
@@ -122,6 +122,7 @@ pub fn event_of(
     phase: MigrationPhase,
     progress: Option<&drover_shared::migration::MigrationProgress>,
     failure: Option<&str>,
+    at: DateTime<Utc>,
 ) -> MigrationEvent {
     let long = |v: u64| drover_graphql::schema::Long(v.min(i64::MAX as u64) as i64);
     MigrationEvent {
@@ -136,7 +137,7 @@ pub fn event_of(
         bytes_transferred: progress.map(|p| long(p.bytes_transferred)),
         bytes_remaining: progress.map(|p| long(p.bytes_remaining)),
         failure_reason: failure.map(str::to_owned),
-        at: Utc::now(),
+        at,
     }
 }
 
@@ -255,7 +256,8 @@ impl Migrations {
             name: VmName::new(vm.name.clone())
                 .map_err(|e| MigrateError::NotFound(e.to_string()))?,
         };
-        let mut options = crate::core::planner::PlanOptions::new(MigrationId::new().0, Utc::now());
+        let mut options =
+            crate::core::planner::PlanOptions::new(MigrationId::new().0, self.store.clock.now());
         options.target_namespace = Some(req.target_namespace.clone());
         let plan =
             crate::core::planner::plan_move(&fleet, &vm_ref, Some(&req.target_cluster), &options);
@@ -301,7 +303,7 @@ impl Migrations {
         q: QueuedMigration,
         actor: &str,
     ) -> Result<Uuid, StoreError> {
-        if insert_queued(&self.store.db, id, &q, actor).await? {
+        if insert_queued(&self.store.db, id, &q, actor, self.store.clock.now()).await? {
             self.announce_queued(id).await?;
         }
         Ok(id)
@@ -313,7 +315,13 @@ impl Migrations {
             .one(&self.store.db)
             .await?
         {
-            self.publish(event_of(&row, MigrationPhase::Pending, None, None));
+            self.publish(event_of(
+                &row,
+                MigrationPhase::Pending,
+                None,
+                None,
+                self.store.clock.now(),
+            ));
             tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration queued");
         }
         self.wake.notify_one();
@@ -324,7 +332,7 @@ impl Migrations {
     /// and those whose replica's lease ran out) and drives each one it does not drive yet;
     /// stops driving those another replica took over. Returns how many drivers it started.
     pub async fn resume(&self) -> Result<usize, StoreError> {
-        let claim = self.leases.claim(Utc::now()).await?;
+        let claim = self.leases.claim(self.store.clock.now()).await?;
         for (id, from) in &claim.taken_over {
             metrics::counter!("drover_lease_takeovers_total").increment(1);
             tracing::warn!(migration = %id, from = %from, replica = %self.leases.replica(), "took over a migration whose replica stopped renewing its lease");
@@ -440,7 +448,7 @@ impl Migrations {
     ) -> Result<bool, StoreError> {
         let row = self.row(id).await?;
         let mut stamps = migration_trace::stamps(&row);
-        let now = Utc::now();
+        let now = self.store.clock.now();
         stamps.entry(phase.as_str().to_owned()).or_insert(now);
         let done = matches!(phase, MigrationPhase::Succeeded | MigrationPhase::Failed);
         let mut update = migration::Entity::update_many()
@@ -470,7 +478,7 @@ impl Migrations {
         if moved {
             tracing::info!(migration = %id, phase = phase.as_str(), failure = failure.as_deref().unwrap_or(""), "migration phase");
             let reason = row.failure_reason.as_deref().or(failure.as_deref());
-            self.publish(event_of(&row, phase, None, reason.filter(|_| done)));
+            self.publish(event_of(&row, phase, None, reason.filter(|_| done), now));
             if let Some(ended) = MigrationPhase::parse(&row.phase) {
                 let started = stamps
                     .get(ended.as_str())
@@ -565,7 +573,7 @@ impl Migrations {
                 send: send_limit,
             };
             let send_key = format!("{id}/send");
-            seen = match lifecycle::next_step(&stored, &seen, limits, Utc::now()) {
+            seen = match lifecycle::next_step(&stored, &seen, limits, self.store.clock.now()) {
                 Step::Stop => return Ok(()),
                 Step::Cleanup => {
                     self.cleanup(&row).await?;
@@ -847,8 +855,8 @@ pub async fn insert_queued(
     id: Uuid,
     q: &QueuedMigration,
     actor: &str,
+    now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    let now = Utc::now();
     let stamps = BTreeMap::from([(MigrationPhase::Pending.as_str().to_owned(), now)]);
     let row = migration::ActiveModel {
         id: Set(id),
@@ -906,7 +914,10 @@ pub async fn record_status(
     if status.switchover {
         // From now on no cancel is taken (the source's agent would refuse it too).
         migration::Entity::update_many()
-            .col_expr(migration::Column::SwitchoverAt, Some(Utc::now()).into())
+            .col_expr(
+                migration::Column::SwitchoverAt,
+                Some(store.clock.now()).into(),
+            )
             .filter(migration::Column::Id.eq(status.migration_id.0))
             .filter(migration::Column::SourceClusterName.eq(from.as_str()))
             .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
@@ -937,7 +948,7 @@ pub async fn record_status(
                 migration::Column::ThroughputBytesPerSec,
                 clamp(p.throughput_bytes_per_sec).into(),
             )
-            .col_expr(migration::Column::UpdatedAt, Utc::now().into())
+            .col_expr(migration::Column::UpdatedAt, store.clock.now().into())
             .filter(migration::Column::Id.eq(status.migration_id.0))
             .filter(migration::Column::SourceClusterName.eq(from.as_str()))
             .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
@@ -950,7 +961,13 @@ pub async fn record_status(
                 .await?
                 .filter(|r| r.phase == MigrationPhase::Running.as_str())
             {
-                let event = event_of(&row, MigrationPhase::Running, Some(&p), None);
+                let event = event_of(
+                    &row,
+                    MigrationPhase::Running,
+                    Some(&p),
+                    None,
+                    store.clock.now(),
+                );
                 replicas.tell(crate::replicas::Notice::Migration {
                     event: event.clone(),
                 });

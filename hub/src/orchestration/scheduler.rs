@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
 use drover_shared::inventory::{MigrationConfig, MigrationPhase};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
@@ -162,7 +161,7 @@ impl Scheduler {
         let in_flight: Vec<MigrationRequest> = running.iter().map(request_of).collect();
         let candidates: Vec<MigrationRequest> = queued.iter().map(request_of).collect();
         let decision = admission::admit(&limits, &candidates, &in_flight);
-        let now = Utc::now();
+        let now = self.store.clock.now();
         let mut admitted = Vec::new();
         for id in decision.admitted {
             let Some(row) = queued.iter().find(|r| r.id == id) else {
@@ -219,6 +218,7 @@ impl Scheduler {
                         MigrationPhase::Scheduled,
                         None,
                         None,
+                        now,
                     ));
                 tracing::info!(migration = %id, vm = %format!("{}/{}", row.vm_namespace, row.vm_name), source = %row.source_cluster_name, target = %row.target_cluster_name, "migration admitted");
             }

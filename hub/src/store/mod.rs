@@ -96,6 +96,8 @@ impl StatementCounter {
 pub struct Store {
     pub db: DatabaseConnection,
     pub statements: Arc<StatementCounter>,
+    /// The hub's one clock: every stamp and deadline reads it.
+    pub clock: crate::clock::Clock,
 }
 
 /// The URL of the embedded SQLite file in `data_dir`.
@@ -142,7 +144,17 @@ impl Store {
                 .increment(1);
             metrics::histogram!("drover_db_statement_seconds").record(info.elapsed.as_secs_f64());
         });
-        Ok(Self { db, statements })
+        Ok(Self {
+            db,
+            statements,
+            clock: crate::clock::Clock::system(),
+        })
+    }
+
+    /// The same store on another clock (tests pause and advance an adjustable one).
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Connects and brings the schema up to date. On PostgreSQL, hub replicas starting together

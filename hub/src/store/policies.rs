@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
 use sea_orm::{ActiveValue::Set, EntityTrait, QueryOrder};
 use serde_json::json;
 
@@ -46,7 +45,7 @@ pub async fn save(store: &Store, policy: &MigrationPolicy) -> Result<(), StoreEr
         completion_timeout_per_gib: Set(policy.completion_timeout_per_gib.map(|t| t as i32)),
         allow_auto_converge: Set(policy.allow_auto_converge),
         allow_post_copy: Set(policy.allow_post_copy),
-        updated_at: Set(Utc::now()),
+        updated_at: Set(store.clock.now()),
     };
     migration_policy::Entity::insert(row)
         .on_conflict(
