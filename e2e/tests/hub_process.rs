@@ -140,6 +140,44 @@ async fn bad_command_lines_fail_with_clear_errors() {
     assert!(err.contains("DATABASE_URL"), "{err}");
 }
 
+/// A hub still waiting for its database stops on SIGTERM at once, not after the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_waiting_for_its_database_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = tokio::process::Command::new(binary("drover-hub").unwrap())
+        .args([
+            "--database-url",
+            "postgres://drover@127.0.0.1:1/drover",
+            "--database-wait-secs",
+            "600",
+            "--listen",
+            "127.0.0.1:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Let it start waiting (it retries the database with backoff).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(hub.try_wait().unwrap().is_none(), "still waiting for PostgreSQL");
+    let pid = hub.id().unwrap().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), hub.wait())
+        .await
+        .expect("the hub exits within 10 s of SIGTERM while waiting for its database")
+        .unwrap();
+    assert!(status.success(), "a requested stop is a clean exit: {status:?}");
+}
+
 async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

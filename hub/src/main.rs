@@ -315,7 +315,11 @@ async fn execute(command: Command, config: HubConfig) -> anyhow::Result<()> {
     match command {
         Command::Serve => {
             let args = &config;
-            let hub = open(&config).await?;
+            // Waiting for the database (up to --database-wait-secs) yields to SIGTERM.
+            let hub = tokio::select! {
+                hub = open(&config) => hub?,
+                () = shutdown_signal() => return Ok(()),
+            };
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {
