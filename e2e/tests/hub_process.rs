@@ -164,7 +164,10 @@ async fn a_hub_waiting_for_its_database_stops_on_sigterm() {
         .unwrap();
     // Let it start waiting (it retries the database with backoff).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(hub.try_wait().unwrap().is_none(), "still waiting for PostgreSQL");
+    assert!(
+        hub.try_wait().unwrap().is_none(),
+        "still waiting for PostgreSQL"
+    );
     let pid = hub.id().unwrap().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -175,7 +178,10 @@ async fn a_hub_waiting_for_its_database_stops_on_sigterm() {
         .await
         .expect("the hub exits within 10 s of SIGTERM while waiting for its database")
         .unwrap();
-    assert!(status.success(), "a requested stop is a clean exit: {status:?}");
+    assert!(
+        status.success(),
+        "a requested stop is a clean exit: {status:?}"
+    );
 }
 
 async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
