@@ -24,6 +24,21 @@ pub struct MigrationOptions {
     pub progress_timeout_secs: u32,
 }
 
+impl MigrationOptions {
+    /// How long a migration of `bytes` (memory and disks) may take before it is given up:
+    /// `completion_timeout_per_gib` per GiB, counting at least one GiB. The source's agent
+    /// gives up at this limit; the hub waits this long plus a margin for its outcome.
+    pub fn completion_timeout(&self, bytes: u64) -> std::time::Duration {
+        completion_timeout(self.completion_timeout_per_gib, bytes)
+    }
+}
+
+/// `per_gib` seconds per GiB of `bytes`, counting at least one GiB.
+pub fn completion_timeout(per_gib: u32, bytes: u64) -> std::time::Duration {
+    let gib = (bytes as f64 / (1u64 << 30) as f64).max(1.0);
+    std::time::Duration::from_secs_f64(per_gib as f64 * gib)
+}
+
 /// How far a transfer is, as the sender sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -154,5 +169,19 @@ impl EvacuationState {
     /// The state stored as `s`; None for one this version does not know.
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_completion_timeout_counts_each_gib_and_at_least_one() {
+        let secs = |bytes: u64| completion_timeout(150, bytes).as_secs_f64();
+        assert_eq!(secs(0), 150.0, "a VM under a GiB still gets one GiB's time");
+        assert_eq!(secs(1 << 30), 150.0);
+        assert_eq!(secs(3 << 30), 450.0);
+        assert_eq!(secs((1 << 30) + (1 << 29)), 225.0);
     }
 }

@@ -132,8 +132,7 @@ impl crate::migrate::MigrationRuntime for QemuMigrations {
     ) -> Result<crate::migrate::SendReport, String> {
         let spec = self.vm_spec(namespace, name)?;
         let disk_bytes: u64 = spec.disks.iter().map(|d| d.size_bytes).sum();
-        let gib = ((spec.memory_bytes + disk_bytes) as f64 / (1u64 << 30) as f64).max(1.0);
-        let completion = Duration::from_secs_f64(options.completion_timeout_per_gib as f64 * gib);
+        let completion = options.completion_timeout(spec.memory_bytes + disk_bytes);
         let send_options = qemu::SendOptions {
             nbd_socket: disk_socket,
             migration_socket: memory_socket,
