@@ -18,8 +18,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::core::planner::{Fleet, FleetCluster, Reservation};
-use crate::store::entities::{cluster, cluster_label, migration, node, vm, vm_label};
+use crate::core::planner::{Fleet, FleetCluster, Plan, Reservation};
+use crate::store::entities::{cluster, cluster_label, evacuation, migration, node, vm, vm_label};
 use crate::store::{is_unavailable, sql::Sql, Store, StoreError};
 
 fn json_list(value: &serde_json::Value) -> Vec<String> {
@@ -831,4 +831,47 @@ impl FleetRows {
             .map(migration_row)
             .collect()
     }
+}
+
+/// Evacuations (and rebalances), newest first (ids are UUIDv7): the one with `id` if given,
+/// those older than `after` if given, at most `limit`; each with its migrations' rows, read in
+/// one statement for all of them.
+pub async fn evacuations_with_migrations(
+    store: &Store,
+    id: Option<Uuid>,
+    after: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<(evacuation::Model, Vec<migration::Model>)>, StoreError> {
+    let mut query = evacuation::Entity::find().order_by_desc(evacuation::Column::Id);
+    if let Some(id) = id {
+        query = query.filter(evacuation::Column::Id.eq(id));
+    }
+    if let Some(after) = after {
+        query = query.filter(evacuation::Column::Id.lt(after));
+    }
+    let evacuations = query.limit(limit).all(&store.db).await?;
+    let mut by_evacuation: HashMap<Uuid, Vec<migration::Model>> = HashMap::new();
+    if !evacuations.is_empty() {
+        let rows = migration::Entity::find()
+            .filter(migration::Column::EvacuationId.is_in(evacuations.iter().map(|e| e.id)))
+            .all(&store.db)
+            .await?;
+        for row in rows {
+            if let Some(e) = row.evacuation_id {
+                by_evacuation.entry(e).or_default().push(row);
+            }
+        }
+    }
+    Ok(evacuations
+        .into_iter()
+        .map(|e| {
+            let rows = by_evacuation.remove(&e.id).unwrap_or_default();
+            (e, rows)
+        })
+        .collect())
+}
+
+/// A stored evacuation's plan, decoded; `None` when it is unreadable.
+pub fn stored_plan(e: &evacuation::Model) -> Option<Plan> {
+    serde_json::from_value(e.plan.clone()).ok()
 }
