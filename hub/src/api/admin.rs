@@ -9,24 +9,22 @@ use drover_graphql::{
     EvacuationRecord, FleetAdmin, JoinTokenRecord, MigrateRequest, PlanAsk, PlanRecord,
     PlannedMoveRecord, PolicyRecord, ReadError, RemovedCluster,
 };
-use sea_orm::{QueryOrder, QuerySelect};
 
 use crate::core::planner::{Plan, PlanKind, RebalanceOptions};
 use crate::core::policy::MigrationPolicy;
 use crate::orchestration::evacuations::{self, EvacuationState, PlanRequest};
 use crate::store::policies;
 use drover_shared::commands::AgentCommand;
-use drover_shared::inventory::MigrationPhase;
 use drover_shared::ClusterName;
-use sea_orm::ConnectionTrait;
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 
 use crate::agents::commands::{CommandError, CommandState, CommandStore, StoredCommand};
 use crate::agents::identity::Identities;
 use crate::agents::sessions::Sessions;
-use crate::store::entities::{agent_certificate, cluster, evacuation, migration, vm};
-use crate::store::{sql::Sql, Store, StoreError};
+use crate::store::clusters::{self, ClusterRemoval};
+use crate::store::entities::{evacuation, migration};
+use crate::store::fleet::{evacuations_with_migrations, stored_plan};
+use crate::store::{Store, StoreError};
 
 pub struct HubAdmin {
     pub store: Store,
@@ -90,21 +88,7 @@ impl HubAdmin {
         result: &str,
         details: serde_json::Value,
     ) {
-        let mut sql = Sql::new(self.store.backend());
-        sql.push("INSERT INTO audit_log (at, actor, action, target, result, details) VALUES (")
-            .bind(self.store.clock.now())
-            .push(", ")
-            .bind(actor.to_owned())
-            .push(", ")
-            .bind(action.to_owned())
-            .push(", ")
-            .bind(target.to_owned())
-            .push(", ")
-            .bind(result.to_owned())
-            .push(", ")
-            .bind(details)
-            .push(")");
-        if let Err(e) = self.store.db.execute(sql.build()).await {
+        if let Err(e) = clusters::audit(&self.store, actor, action, target, result, details).await {
             // The action stands; the missing audit row is loud in the log.
             tracing::error!(error = %e, %actor, %action, %target, "writing the audit log failed");
         }
@@ -203,11 +187,6 @@ fn plan_record(plan: Plan) -> PlanRecord {
             .collect(),
         estimated_seconds: plan.estimate.seconds,
     }
-}
-
-/// A stored evacuation's plan.
-fn stored_plan(e: &evacuation::Model) -> Option<Plan> {
-    serde_json::from_value(e.plan.clone()).ok()
 }
 
 impl HubAdmin {
@@ -313,42 +292,15 @@ impl FleetAdmin for HubAdmin {
         after: Option<uuid::Uuid>,
         limit: u64,
     ) -> Result<Vec<EvacuationRecord>, AdminError> {
-        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
-        // Ids are time-ordered (UUIDv7): newest first, and `after` pages on from an id.
-        let mut query = evacuation::Entity::find().order_by_desc(evacuation::Column::Id);
-        if let Some(id) = id {
-            query = query.filter(evacuation::Column::Id.eq(id));
-        }
-        if let Some(after) = after {
-            query = query.filter(evacuation::Column::Id.lt(after));
-        }
-        let evacuations = query
-            .limit(limit)
-            .all(&self.store.db)
+        // Ids are time-ordered (UUIDv7): newest first, and `after` pages on from an id; every
+        // listed evacuation's migrations in one statement.
+        let evacuations = evacuations_with_migrations(&self.store, id, after, limit)
             .await
-            .map_err(db_err)?;
-        // Every listed evacuation's migrations in one statement.
-        let mut by_evacuation: std::collections::HashMap<uuid::Uuid, Vec<migration::Model>> =
-            std::collections::HashMap::new();
-        if !evacuations.is_empty() {
-            let rows = migration::Entity::find()
-                .filter(migration::Column::EvacuationId.is_in(evacuations.iter().map(|e| e.id)))
-                .all(&self.store.db)
-                .await
-                .map_err(db_err)?;
-            for row in rows {
-                if let Some(e) = row.evacuation_id {
-                    by_evacuation.entry(e).or_default().push(row);
-                }
-            }
-        }
+            .map_err(|e| AdminError::Read(store_err(e)))?;
         let max_attempts = self.scheduler.settings().max_attempts;
         evacuations
             .into_iter()
-            .map(|e| {
-                let rows = by_evacuation.remove(&e.id).unwrap_or_default();
-                self.evacuation_record(e, &rows, max_attempts)
-            })
+            .map(|(e, rows)| self.evacuation_record(e, &rows, max_attempts))
             .collect()
     }
 
@@ -496,13 +448,10 @@ impl FleetAdmin for HubAdmin {
         wait: Duration,
         actor: &str,
     ) -> Result<CommandRecord, AdminError> {
-        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
-        let known = cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(cluster.as_str()))
-            .count(&self.store.db)
+        let known = clusters::exists(&self.store, cluster.as_str())
             .await
-            .map_err(db_err)?;
-        if known == 0 {
+            .map_err(|e| AdminError::Read(store_err(e)))?;
+        if !known {
             return Err(AdminError::NotFound(format!(
                 "cluster \"{cluster}\" is not in the fleet (its agent has not reported yet); `clusters` lists the clusters there are"
             )));
@@ -600,60 +549,25 @@ impl FleetAdmin for HubAdmin {
 
 impl HubAdmin {
     async fn remove(&self, name: &ClusterName) -> Result<RemovedCluster, AdminError> {
-        let db_err = |e: sea_orm::DbErr| AdminError::Read(store_err(e.into()));
-        let tx = self.store.db.begin().await.map_err(db_err)?;
-        let row = cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(name.as_str()))
-            .one(&tx)
+        let (revoked, forgotten) = match clusters::remove(&self.store, name.as_str())
             .await
-            .map_err(db_err)?;
-        let mut forgotten = 0;
-        if let Some(row) = &row {
-            let in_flight = migration::Entity::find()
-                .filter(
-                    migration::Column::SourceClusterId
-                        .eq(row.id)
-                        .or(migration::Column::TargetClusterId.eq(row.id)),
-                )
-                .filter(
-                    migration::Column::Phase
-                        .is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
-                )
-                .count(&tx)
-                .await
-                .map_err(db_err)?;
-            if in_flight > 0 {
+            .map_err(|e| AdminError::Read(store_err(e)))?
+        {
+            ClusterRemoval::InFlight(in_flight) => {
                 return Err(AdminError::Conflict(format!(
                     "cluster {name} has {in_flight} migrations in flight; cancel them or wait for them to finish, then remove it"
                 )));
             }
-            forgotten = vm::Entity::find()
-                .filter(vm::Column::ClusterId.eq(row.id))
-                .count(&tx)
-                .await
-                .map_err(db_err)? as i64;
-            cluster::Entity::delete_by_id(row.id)
-                .exec(&tx)
-                .await
-                .map_err(db_err)?;
-        }
-        let revoked = agent_certificate::Entity::update_many()
-            .col_expr(
-                agent_certificate::Column::RevokedAt,
-                Some(self.store.clock.now()).into(),
-            )
-            .filter(agent_certificate::Column::ClusterName.eq(name.as_str()))
-            .filter(agent_certificate::Column::RevokedAt.is_null())
-            .exec(&tx)
-            .await
-            .map_err(db_err)?
-            .rows_affected as i64;
-        if row.is_none() && revoked == 0 {
-            return Err(AdminError::NotFound(format!(
-                "cluster \"{name}\" is neither in the fleet nor joined; `clusters` lists the clusters there are"
-            )));
-        }
-        tx.commit().await.map_err(db_err)?;
+            ClusterRemoval::NotFound => {
+                return Err(AdminError::NotFound(format!(
+                    "cluster \"{name}\" is neither in the fleet nor joined; `clusters` lists the clusters there are"
+                )));
+            }
+            ClusterRemoval::Removed {
+                certificates_revoked,
+                virtual_machines_forgotten,
+            } => (certificates_revoked, virtual_machines_forgotten),
+        };
         if let Err(e) = self.commands.forget_cluster(name.as_str()).await {
             tracing::warn!(cluster = %name, error = %e, "forgetting the removed cluster's commands failed");
         }

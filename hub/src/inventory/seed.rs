@@ -9,10 +9,8 @@ use drover_shared::ClusterName;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::inventory::ingest::{Ingest, IngestError};
-use crate::store::entities::cluster;
 
 const GIB: u64 = 1 << 30;
 
@@ -278,15 +276,13 @@ pub async fn seed(
         if cordon {
             report.in_maintenance += 1;
         }
-        cluster::Entity::update_many()
-            .col_expr(cluster::Column::Maintenance, cordon.into())
-            .col_expr(
-                cluster::Column::MaintenanceSince,
-                cordon.then(Utc::now).into(),
-            )
-            .filter(cluster::Column::Name.eq(snap.cluster.as_str()))
-            .exec(&ingest.store().db)
-            .await?;
+        crate::store::inventory::set_maintenance(
+            ingest.store(),
+            snap.cluster.as_str(),
+            cordon,
+            cordon.then(Utc::now),
+        )
+        .await?;
         progress(index + 1);
     }
     Ok(report)

@@ -2,7 +2,10 @@
 //! migrations, classifying database failures, and a small SQL builder for the queries that need
 //! more than the ORM gives (window functions, keyset pagination, label selectors).
 
+pub mod clusters;
 pub mod entities;
+pub mod fleet;
+pub mod inventory;
 pub mod leases;
 pub mod migration;
 pub mod policies;
