@@ -2,6 +2,7 @@
 //! migrations, classifying database failures, and a small SQL builder for the queries that need
 //! more than the ORM gives (window functions, keyset pagination, label selectors).
 
+pub mod commands;
 pub mod entities;
 pub mod leases;
 pub mod migration;
