@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod entities;
+pub mod identities;
 pub mod leases;
 pub mod migration;
 pub mod policies;
