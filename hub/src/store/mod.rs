@@ -7,6 +7,7 @@ pub mod entities;
 pub mod identities;
 pub mod leases;
 pub mod migration;
+pub mod notify;
 pub mod policies;
 pub mod sql;
 
