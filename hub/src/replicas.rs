@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_graphql::{InventoryEvent, MigrationEvent};
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::store::notify::{self, DbBackend, NoticeListener};
 use crate::store::Store;
 
 /// The one channel replicas listen on.
@@ -63,7 +63,7 @@ pub struct ReplicaBus {
 impl ReplicaBus {
     /// A bus for `replica` on `backend` (silent on SQLite).
     pub fn new(replica: &str, backend: DbBackend) -> Self {
-        let (outbox, unsent) = if backend == DbBackend::Postgres {
+        let (outbox, unsent) = if notify::carries_notices(backend) {
             let (tx, rx) = mpsc::channel(OUTBOX);
             (Some(tx), Some(rx))
         } else {
@@ -129,12 +129,12 @@ async fn send_all(store: &Store, replica: &str, unsent: &mut mpsc::Receiver<Noti
             );
             continue;
         }
-        let statement = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [CHANNEL.into(), payload.into()],
-        );
-        match tokio::time::timeout(Duration::from_secs(5), store.db.execute(statement)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            notify::notify(store, CHANNEL, payload),
+        )
+        .await
+        {
             Ok(Ok(_)) => metrics::counter!("drover_replica_notices_sent_total").increment(1),
             Ok(Err(e)) => {
                 metrics::counter!("drover_replica_notices_dropped_total").increment(1);
@@ -156,12 +156,10 @@ where
     F: Fn(Notice) -> Heard,
     Heard: std::future::Future<Output = ()>,
 {
-    use sea_orm::sqlx::postgres::PgListener;
     let cap = Duration::from_secs(10);
     let mut delays = crate::retry::delays(Duration::from_millis(200), cap);
     loop {
-        let pool = store.db.get_postgres_connection_pool();
-        let mut listener = match PgListener::connect_with(pool).await {
+        let mut listener = match NoticeListener::connect(store, CHANNEL).await {
             Ok(l) => l,
             Err(e) => {
                 let wait = crate::retry::next(&mut delays, cap);
@@ -170,27 +168,19 @@ where
                 continue;
             }
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
-            let wait = crate::retry::next(&mut delays, cap);
-            tracing::warn!(error = %e, retry_in = ?wait, "cannot listen for the other replicas yet");
-            tokio::time::sleep(wait).await;
-            continue;
-        }
         delays = crate::retry::delays(Duration::from_millis(200), cap);
         loop {
             match listener.recv().await {
-                Ok(notification) => {
-                    match serde_json::from_str::<Envelope>(notification.payload()) {
-                        Ok(envelope) if envelope.from != replica => {
-                            metrics::counter!("drover_replica_notices_received_total").increment(1);
-                            deliver(envelope.notice).await
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "an unreadable notice from another replica (another version?); ignored")
-                        }
+                Ok(payload) => match serde_json::from_str::<Envelope>(&payload) {
+                    Ok(envelope) if envelope.from != replica => {
+                        metrics::counter!("drover_replica_notices_received_total").increment(1);
+                        deliver(envelope.notice).await
                     }
-                }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an unreadable notice from another replica (another version?); ignored")
+                    }
+                },
                 Err(e) => {
                     // The listener reconnects on the next call; if it cannot, start over.
                     tracing::warn!(error = %e, "lost the connection that listens for the other replicas; listening again");

@@ -7,79 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use drover_shared::commands::{AgentCommand, CommandOutcome, MAX_KEY_LEN};
 use drover_shared::ClusterName;
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio::sync::broadcast;
 
 use crate::replicas::{Notice, ReplicaBus};
-use crate::store::entities::agent_command;
+use crate::store::commands as rows;
+pub use crate::store::commands::{CommandState, StoredCommand};
 use crate::store::{Store, StoreError};
 
-/// A command's state in the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommandState {
-    Pending,
-    Succeeded,
-    Failed,
-}
-
-impl CommandState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Succeeded => "Succeeded",
-            Self::Failed => "Failed",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "Succeeded" => Self::Succeeded,
-            "Failed" => Self::Failed,
-            _ => Self::Pending,
-        }
-    }
-}
-
-/// A command as stored.
-#[derive(Debug, Clone)]
-pub struct StoredCommand {
-    pub id: i64,
-    pub cluster: String,
-    pub key: String,
-    pub command: AgentCommand,
-    pub state: CommandState,
-    pub result_message: Option<String>,
-    pub created_by: String,
-    pub created_at: DateTime<Utc>,
-    pub sent_at: Option<DateTime<Utc>>,
-    pub send_count: i32,
-    pub acked_at: Option<DateTime<Utc>>,
-}
-
 impl StoredCommand {
-    fn from_row(row: agent_command::Model) -> Result<Self, StoreError> {
-        let command = serde_json::from_value(row.payload).map_err(|e| {
-            StoreError::Database(sea_orm::DbErr::Custom(format!(
-                "stored command {} of cluster {} is unreadable: {e}",
-                row.idempotency_key, row.cluster_name
-            )))
-        })?;
-        Ok(Self {
-            id: row.id,
-            cluster: row.cluster_name,
-            key: row.idempotency_key,
-            command,
-            state: CommandState::parse(&row.state),
-            result_message: row.result_message,
-            created_by: row.created_by,
-            created_at: row.created_at,
-            sent_at: row.sent_at,
-            send_count: row.send_count,
-            acked_at: row.acked_at,
-        })
-    }
-
     /// When this command is due to be sent again if still unacknowledged: 5 s after the first
     /// send, doubling up to a minute (a command that takes long to run is not hammered). One
     /// never sent (its cluster's session was on no replica then) is due at once.
@@ -111,12 +46,6 @@ pub enum CommandError {
     BadKey(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sea_orm::DbErr> for CommandError {
-    fn from(e: sea_orm::DbErr) -> Self {
-        Self::Store(e.into())
-    }
 }
 
 /// An acknowledgement, announced to whoever waits for it on this hub.
@@ -171,43 +100,15 @@ impl CommandStore {
         if key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(|c| c.is_control()) {
             return Err(CommandError::BadKey(key.to_owned()));
         }
-        let payload = serde_json::to_value(command).unwrap_or_default();
-        let row = agent_command::ActiveModel {
-            cluster_name: Set(cluster.to_string()),
-            idempotency_key: Set(key.to_owned()),
-            kind: Set(command.kind().to_owned()),
-            payload: Set(payload),
-            state: Set(CommandState::Pending.as_str().to_owned()),
-            result_message: Set(None),
-            created_by: Set(actor.to_owned()),
-            created_at: Set(self.store.clock.now()),
-            sent_at: Set(None),
-            send_count: Set(0),
-            acked_at: Set(None),
-            ..Default::default()
-        };
-        let inserted = agent_command::Entity::insert(row)
-            .on_conflict(
-                OnConflict::columns([
-                    agent_command::Column::ClusterName,
-                    agent_command::Column::IdempotencyKey,
-                ])
-                .do_nothing()
-                .to_owned(),
-            )
-            .exec_without_returning(&self.store.db)
-            .await?;
-        let stored = self
-            .get(cluster.as_str(), key)
-            .await?
-            .ok_or_else(|| sea_orm::DbErr::RecordNotFound("the command just stored".into()))?;
-        if inserted == 0 && &stored.command != command {
+        let (stored, inserted) =
+            rows::insert_if_absent(&self.store, cluster, key, command, actor).await?;
+        if !inserted && &stored.command != command {
             return Err(CommandError::KeyReused {
                 cluster: cluster.to_string(),
                 key: key.to_owned(),
             });
         }
-        if inserted > 0 {
+        if inserted {
             metrics::counter!("drover_commands_submitted_total", "kind" => command.kind())
                 .increment(1);
             // The agent's session may be on another replica.
@@ -216,30 +117,16 @@ impl CommandStore {
                 key: key.to_owned(),
             });
         }
-        Ok((stored, inserted > 0))
+        Ok((stored, inserted))
     }
 
     pub async fn get(&self, cluster: &str, key: &str) -> Result<Option<StoredCommand>, StoreError> {
-        agent_command::Entity::find()
-            .filter(agent_command::Column::ClusterName.eq(cluster))
-            .filter(agent_command::Column::IdempotencyKey.eq(key))
-            .one(&self.store.db)
-            .await?
-            .map(StoredCommand::from_row)
-            .transpose()
+        rows::get(&self.store, cluster, key).await
     }
 
     /// `cluster`'s unacknowledged commands, oldest first.
     pub async fn pending_for(&self, cluster: &str) -> Result<Vec<StoredCommand>, StoreError> {
-        agent_command::Entity::find()
-            .filter(agent_command::Column::State.eq(CommandState::Pending.as_str()))
-            .filter(agent_command::Column::ClusterName.eq(cluster))
-            .order_by_asc(agent_command::Column::Id)
-            .all(&self.store.db)
-            .await?
-            .into_iter()
-            .map(StoredCommand::from_row)
-            .collect()
+        rows::pending_for(&self.store, cluster).await
     }
 
     /// Unacknowledged commands sent at least `RESEND_AFTER` ago, or never sent and stored at
@@ -249,41 +136,12 @@ impl CommandStore {
         let now = self.store.clock.now();
         let cutoff = now - chrono::Duration::from_std(RESEND_AFTER).unwrap_or_default();
         let unsent_cutoff = now - chrono::Duration::from_std(NEVER_SENT_AFTER).unwrap_or_default();
-        agent_command::Entity::find()
-            .filter(agent_command::Column::State.eq(CommandState::Pending.as_str()))
-            .filter(
-                sea_orm::Condition::any()
-                    .add(agent_command::Column::SentAt.lt(cutoff))
-                    .add(
-                        sea_orm::Condition::all()
-                            .add(agent_command::Column::SentAt.is_null())
-                            .add(agent_command::Column::CreatedAt.lt(unsent_cutoff)),
-                    ),
-            )
-            .order_by_asc(agent_command::Column::Id)
-            .limit(RESEND_BATCH)
-            .all(&self.store.db)
-            .await?
-            .into_iter()
-            .map(StoredCommand::from_row)
-            .collect()
+        rows::unacknowledged(&self.store, cutoff, unsent_cutoff, RESEND_BATCH).await
     }
 
     /// Records that the command with row `id` went out once more.
     pub async fn mark_sent(&self, id: i64) -> Result<(), StoreError> {
-        agent_command::Entity::update_many()
-            .col_expr(
-                agent_command::Column::SentAt,
-                Some(self.store.clock.now()).into(),
-            )
-            .col_expr(
-                agent_command::Column::SendCount,
-                sea_orm::sea_query::Expr::col(agent_command::Column::SendCount).add(1),
-            )
-            .filter(agent_command::Column::Id.eq(id))
-            .exec(&self.store.db)
-            .await?;
-        Ok(())
+        rows::mark_sent(&self.store, id).await
     }
 
     /// Records `cluster`'s acknowledgement of `key`. Only the first acknowledgement counts;
@@ -299,23 +157,9 @@ impl CommandStore {
         } else {
             CommandState::Failed
         };
-        let updated = agent_command::Entity::update_many()
-            .col_expr(agent_command::Column::State, state.as_str().into())
-            .col_expr(
-                agent_command::Column::ResultMessage,
-                Some(outcome.message().to_owned()).into(),
-            )
-            .col_expr(
-                agent_command::Column::AckedAt,
-                Some(self.store.clock.now()).into(),
-            )
-            .filter(agent_command::Column::ClusterName.eq(cluster))
-            .filter(agent_command::Column::IdempotencyKey.eq(key))
-            .filter(agent_command::Column::State.eq(CommandState::Pending.as_str()))
-            .exec(&self.store.db)
-            .await?
-            .rows_affected;
-        if updated > 0 {
+        let updated =
+            rows::acknowledge(&self.store, cluster, key, state, outcome.message()).await?;
+        if updated {
             metrics::counter!("drover_commands_acknowledged_total", "result" => state.as_str())
                 .increment(1);
             let _ = self.acked.send(Acked {
@@ -327,7 +171,7 @@ impl CommandStore {
                 key: key.to_owned(),
             });
         }
-        Ok(updated > 0)
+        Ok(updated)
     }
 
     /// Waits up to `wait` for `key` to be acknowledged and returns the command as it then is
@@ -374,10 +218,6 @@ impl CommandStore {
 
     /// Forgets every command of a cluster removed from the fleet.
     pub async fn forget_cluster(&self, cluster: &str) -> Result<u64, StoreError> {
-        Ok(agent_command::Entity::delete_many()
-            .filter(agent_command::Column::ClusterName.eq(cluster))
-            .exec(&self.store.db)
-            .await?
-            .rows_affected)
+        rows::forget_cluster(&self.store, cluster).await
     }
 }

@@ -8,12 +8,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use drover_shared::ClusterName;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use crate::agents::pki::{IssuedCertificate, Pki, PkiError};
-use crate::store::entities::{agent_certificate, join_token};
+use crate::store::identities::{self as rows, CertificateRecord};
 use crate::store::{Store, StoreError};
 
 /// Every token starts so, which makes leaked tokens easy to recognise in logs and scanners.
@@ -32,12 +30,6 @@ pub enum JoinError {
     Csr(#[from] PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sea_orm::DbErr> for JoinError {
-    fn from(e: sea_orm::DbErr) -> Self {
-        Self::Store(e.into())
-    }
 }
 
 /// A join token as handed to the operator, once: only its hash is stored.
@@ -105,16 +97,14 @@ impl Identities {
         let now = self.store.clock.now();
         let expires_at =
             now + chrono::Duration::from_std(ttl.min(MAX_TOKEN_TTL)).unwrap_or_default();
-        join_token::Entity::insert(join_token::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            cluster_name: Set(cluster.to_string()),
-            token_hash: Set(hash_secret(&secret)),
-            expires_at: Set(expires_at),
-            used_at: Set(None),
-            created_by: Set(created_by.to_owned()),
-            created_at: Set(now),
-        })
-        .exec_without_returning(&self.store.db)
+        rows::insert_join_token(
+            &self.store,
+            cluster,
+            hash_secret(&secret),
+            expires_at,
+            created_by,
+            now,
+        )
         .await?;
         let ca_sha256 = self.pki.ca_sha256();
         Ok(NewJoinToken {
@@ -136,26 +126,19 @@ impl Identities {
             tracing::warn!(%cluster, "join refused: malformed token");
             JoinError::TokenRefused
         })?;
-        let now = self.store.clock.now();
-        let tx = self.store.db.begin().await?;
-        let redeemed = join_token::Entity::update_many()
-            .col_expr(join_token::Column::UsedAt, Some(now).into())
-            .filter(join_token::Column::TokenHash.eq(hash_secret(&parts.secret)))
-            .filter(join_token::Column::ClusterName.eq(cluster.as_str()))
-            .filter(join_token::Column::UsedAt.is_null())
-            .filter(join_token::Column::ExpiresAt.gt(now))
-            .exec(&tx)
-            .await?;
-        if redeemed.rows_affected != 1 {
-            tracing::warn!(%cluster, "join refused: token unknown, expired, used or for another cluster");
-            return Err(JoinError::TokenRefused);
-        }
         // A bad CSR rolls the redemption back: the operator's token is not wasted.
-        let issued = self
-            .pki
-            .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        record_certificate(&tx, cluster, &issued, self.store.clock.now()).await?;
-        tx.commit().await?;
+        let issued = rows::redeem_join_token(&self.store, cluster, &hash_secret(&parts.secret), || {
+            let issued = self
+                .pki
+                .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
+            let record = certificate_record(&issued);
+            Ok::<_, JoinError>((issued, record))
+        })
+        .await?
+        .ok_or_else(|| {
+            tracing::warn!(%cluster, "join refused: token unknown, expired, used or for another cluster");
+            JoinError::TokenRefused
+        })?;
         tracing::info!(%cluster, serial = %issued.serial, "agent joined");
         Ok(issued)
     }
@@ -170,7 +153,7 @@ impl Identities {
         let issued = self
             .pki
             .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-        record_certificate(&self.store.db, cluster, &issued, self.store.clock.now()).await?;
+        rows::record_certificate(&self.store, cluster, certificate_record(&issued)).await?;
         tracing::info!(%cluster, serial = %issued.serial, "agent certificate renewed");
         Ok(issued)
     }
@@ -182,46 +165,24 @@ impl Identities {
         serial: &str,
         cluster: &ClusterName,
     ) -> Result<bool, StoreError> {
-        let cert = agent_certificate::Entity::find_by_id(serial.to_owned())
-            .one(&self.store.db)
-            .await?;
+        let cert = rows::certificate(&self.store, serial).await?;
         Ok(cert.is_some_and(|c| c.revoked_at.is_none() && c.cluster_name == cluster.as_str()))
     }
 
     /// Revokes every certificate of a cluster (when it leaves the fleet); returns how many.
     pub async fn revoke_cluster(&self, cluster: &ClusterName) -> Result<u64, StoreError> {
-        let res = agent_certificate::Entity::update_many()
-            .col_expr(
-                agent_certificate::Column::RevokedAt,
-                Some(self.store.clock.now()).into(),
-            )
-            .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
-            .filter(agent_certificate::Column::RevokedAt.is_null())
-            .exec(&self.store.db)
-            .await?;
-        Ok(res.rows_affected)
+        rows::revoke_cluster_certificates(&self.store, cluster).await
     }
 }
 
-/// Records an issued certificate, so that it can be checked and revoked.
-async fn record_certificate(
-    db: &impl sea_orm::ConnectionTrait,
-    cluster: &ClusterName,
-    issued: &IssuedCertificate,
-    now: chrono::DateTime<Utc>,
-) -> Result<(), sea_orm::DbErr> {
-    agent_certificate::Entity::insert(agent_certificate::ActiveModel {
-        serial: Set(issued.serial.clone()),
-        cluster_name: Set(cluster.to_string()),
-        fingerprint_sha256: Set(issued.fingerprint_sha256.clone()),
-        not_before: Set(issued.not_before),
-        not_after: Set(issued.not_after),
-        revoked_at: Set(None),
-        created_at: Set(now),
-    })
-    .exec_without_returning(db)
-    .await?;
-    Ok(())
+/// What is recorded of an issued certificate, so that it can be checked and revoked.
+fn certificate_record(issued: &IssuedCertificate) -> CertificateRecord {
+    CertificateRecord {
+        serial: issued.serial.clone(),
+        fingerprint_sha256: issued.fingerprint_sha256.clone(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+    }
 }
 
 #[cfg(test)]

@@ -3,11 +3,14 @@
 //! more than the ORM gives (window functions, keyset pagination, label selectors).
 
 pub mod clusters;
+pub mod commands;
 pub mod entities;
 pub mod fleet;
+pub mod identities;
 pub mod inventory;
 pub mod leases;
 pub mod migration;
+pub mod notify;
 pub mod policies;
 pub mod sql;
 
