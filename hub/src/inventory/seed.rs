@@ -249,7 +249,8 @@ pub async fn seed(
     mut progress: impl FnMut(usize),
 ) -> Result<SeedReport, IngestError> {
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    // Microseconds since the epoch: newer than whatever an earlier seed wrote.
+    // Microseconds since the epoch (a version number, not a time of the fleet): newer than
+    // whatever an earlier seed wrote.
     let generation = Utc::now().timestamp_micros().max(1) as u64;
     let mut report = SeedReport::default();
     for index in 0..plan.clusters {
@@ -280,7 +281,7 @@ pub async fn seed(
             ingest.store(),
             snap.cluster.as_str(),
             cordon,
-            cordon.then(Utc::now),
+            cordon.then(|| ingest.store().clock.now()),
         )
         .await?;
         progress(index + 1);
