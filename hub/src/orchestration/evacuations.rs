@@ -282,7 +282,12 @@ pub async fn start(
             queue_position: m.position.min(i64::MAX as u64) as i64,
             attempt: 1,
         };
-        if crate::orchestration::migrations::insert_queued(&tx, m.id, &q, actor, now).await? {
+        let new = crate::store::migrations::NewMigration {
+            id: m.id,
+            queued: q,
+            trace_id: crate::orchestration::migration_trace::trace_id_text(m.id),
+        };
+        if crate::store::migrations::insert_queued(&tx, &new, actor, now).await? {
             queued.push(m.id);
         }
     }

@@ -5,6 +5,7 @@
 pub mod entities;
 pub mod leases;
 pub mod migration;
+pub mod migrations;
 pub mod policies;
 pub mod sql;
 
