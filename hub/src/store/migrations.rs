@@ -79,6 +79,8 @@ pub struct Admission<T> {
     pub decided: T,
     /// The migrations moved to Scheduled (each a conditional update from Pending).
     pub admitted: Vec<Uuid>,
+    /// When they were admitted (the hub's clock, after the decision).
+    pub now: DateTime<Utc>,
 }
 
 impl migration::Model {
@@ -417,10 +419,9 @@ impl MigrationRows {
     /// SQLite one at a time in this process): reads the queue, the in-flight migrations and
     /// every cluster's migration settings (unreadable ones as the defaults), lets `decide`
     /// choose, and moves each chosen migration from Pending to Scheduled with its Scheduling
-    /// and Scheduled stamps at `now`. None when nothing is queued.
+    /// and Scheduled stamps at the hub's time then. None when nothing is queued.
     pub async fn admit<T>(
         &self,
-        now: DateTime<Utc>,
         decide: impl FnOnce(
             &[migration::Model],
             &[migration::Model],
@@ -466,6 +467,7 @@ impl MigrationRows {
             })
             .collect();
         let (decided, chosen) = decide(&queued, &running, configs);
+        let now = self.store.clock.now();
         let mut admitted = Vec::new();
         for id in chosen {
             let Some(row) = queued.iter().find(|r| r.id == id) else {
@@ -496,6 +498,7 @@ impl MigrationRows {
             running,
             decided,
             admitted,
+            now,
         }))
     }
 }
