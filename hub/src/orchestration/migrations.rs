@@ -52,12 +52,6 @@ pub enum MigrateError {
     Store(#[from] StoreError),
 }
 
-impl From<sea_orm::DbErr> for MigrateError {
-    fn from(e: sea_orm::DbErr) -> Self {
-        Self::Store(e.into())
-    }
-}
-
 #[derive(Clone)]
 pub struct Migrations {
     store: Store,

@@ -3,6 +3,7 @@
 //! more than the ORM gives (window functions, keyset pagination, label selectors).
 
 pub mod entities;
+pub mod evacuations;
 pub mod leases;
 pub mod migration;
 pub mod migrations;
