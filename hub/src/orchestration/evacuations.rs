@@ -9,14 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use drover_shared::inventory::{MigrationPhase, VmPhase};
-use drover_shared::migration::MigrationOptions;
 use drover_shared::ClusterName;
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
-};
-use serde::Serialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::config::SchedulerSettings;
@@ -24,9 +17,12 @@ use crate::core::admission::AdmissionLimits;
 use crate::core::planner::{self, Plan, PlanKind, PlanOptions, RebalanceOptions};
 use crate::inventory::fleet_view::load_fleet;
 use crate::orchestration::migrations::{MigrateError, Migrations, QueuedMigration};
-use crate::store::entities::{cluster, evacuation, migration, vm};
+use crate::store::entities::{evacuation, migration};
+use crate::store::evacuations::{EvacuationRows, NewEvacuation, Started};
+use crate::store::migrations::{MigrationRows, NewMigration};
 use crate::store::{Store, StoreError};
 
+pub use crate::store::evacuations::Counters;
 pub use drover_shared::migration::EvacuationState;
 
 /// What an operator asks to plan.
@@ -34,21 +30,6 @@ pub use drover_shared::migration::EvacuationState;
 pub enum PlanRequest {
     Evacuation { cluster: String },
     Rebalance(RebalanceOptions),
-}
-
-/// An evacuation's counters, counted from its migrations.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Counters {
-    /// VMs the plan moves.
-    pub planned: i64,
-    /// Queued, waiting for a slot.
-    pub queued: i64,
-    pub running: i64,
-    pub succeeded: i64,
-    /// VMs whose last attempt failed and that get no further attempt.
-    pub failed: i64,
-    pub cannot_move: i64,
 }
 
 /// How the hub plans: its scheduler's limits, now.
@@ -66,27 +47,7 @@ fn plan_options(settings: &SchedulerSettings, now: DateTime<Utc>) -> PlanOptions
 /// Cordons (or uncordons) a cluster; cordoning again keeps the first time. False when there is
 /// no such cluster.
 pub async fn cordon(store: &Store, name: &str, maintenance: bool) -> Result<bool, StoreError> {
-    let now = store.clock.now();
-    let mut update = cluster::Entity::update_many()
-        .col_expr(cluster::Column::Maintenance, maintenance.into())
-        .col_expr(cluster::Column::UpdatedAt, now.into())
-        .filter(cluster::Column::Name.eq(name));
-    if !maintenance {
-        update = update.col_expr(
-            cluster::Column::MaintenanceSince,
-            Option::<DateTime<Utc>>::None.into(),
-        );
-    }
-    let found = update.exec(&store.db).await?.rows_affected > 0;
-    if maintenance {
-        cluster::Entity::update_many()
-            .col_expr(cluster::Column::MaintenanceSince, Some(now).into())
-            .filter(cluster::Column::Name.eq(name))
-            .filter(cluster::Column::MaintenanceSince.is_null())
-            .exec(&store.db)
-            .await?;
-    }
-    Ok(found)
+    crate::store::evacuations::cordon(store, name, maintenance).await
 }
 
 /// A dry run: the plan for `request` on the fleet as it is now.
@@ -109,7 +70,9 @@ pub async fn plan(
             planner::plan_evacuation(&fleet, &name, &options)
         }
         PlanRequest::Rebalance(goal) => {
-            let last = last_rebalance_at(&store.db).await?;
+            let last = EvacuationRows::new(store.clone())
+                .last_rebalance_at()
+                .await?;
             let goal = RebalanceOptions {
                 last_rebalance_at: last,
                 hold_down_secs: hold_down_secs(goal, settings),
@@ -123,36 +86,6 @@ pub async fn plan(
 /// A rebalance's hold-down: what it asks for, never less than the fleet's minimum.
 fn hold_down_secs(goal: &RebalanceOptions, settings: &SchedulerSettings) -> u64 {
     goal.hold_down_secs.max(settings.rebalance_hold_down_secs)
-}
-
-/// When the latest rebalance was started.
-async fn last_rebalance_at(
-    db: &impl sea_orm::ConnectionTrait,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
-    Ok(evacuation::Entity::find()
-        .filter(evacuation::Column::Kind.eq("rebalance"))
-        .order_by_desc(evacuation::Column::CreatedAt)
-        .one(db)
-        .await?
-        .map(|e| e.created_at))
-}
-
-/// Serialises starting rebalances across hub replicas (PostgreSQL advisory lock, held to the
-/// end of the transaction) and within this process (SQLite), so that the hold-down check and
-/// the new rebalance's row are one step: two racing requests never both start.
-const REBALANCE_LOCK: i64 = 0x6472_6f76_6572_5242;
-
-async fn lock_rebalances(tx: &sea_orm::DatabaseTransaction) -> Result<(), StoreError> {
-    use sea_orm::ConnectionTrait as _;
-    if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
-        tx.execute(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock($1)",
-            [REBALANCE_LOCK.into()],
-        ))
-        .await?;
-    }
-    Ok(())
 }
 
 /// The cluster a plan evacuates.
@@ -204,9 +137,8 @@ pub async fn start(
     let id = plan.id;
     let now = store.clock.now();
     let source_id = match evacuated(&plan) {
-        Some(name) => cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(name.as_str()))
-            .one(&store.db)
+        Some(name) => MigrationRows::new(store.clone())
+            .cluster_named(name.as_str())
             .await?
             .map(|c| c.id),
         None => None,
@@ -216,77 +148,63 @@ pub async fn start(
     } else {
         "evacuation"
     };
-    // A rebalance checks its hold-down and records itself in one serialised transaction.
-    static SQLITE_REBALANCES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _one = match (&plan.kind, store.backend()) {
-        (PlanKind::Rebalance, sea_orm::DbBackend::Sqlite) => Some(SQLITE_REBALANCES.lock().await),
-        _ => None,
+    let new = NewEvacuation {
+        id,
+        kind,
+        cluster_id: source_id,
+        plan: &plan,
+        actor,
+        now,
+        rebalance_hold_down: match request {
+            PlanRequest::Rebalance(goal) => Some(hold_down_secs(goal, settings)),
+            PlanRequest::Evacuation { .. } => None,
+        },
     };
-    let tx = store.db.begin().await?;
-    if let PlanRequest::Rebalance(goal) = request {
-        lock_rebalances(&tx).await?;
-        let hold_down = hold_down_secs(goal, settings);
-        if let Some(last) = last_rebalance_at(&tx).await? {
-            let until = last + chrono::Duration::seconds(hold_down.min(i64::MAX as u64) as i64);
-            if now < until {
-                return Err(MigrateError::Conflict(format!(
-                    "a rebalance started at {last}; the hold-down time ({hold_down} s, the longer of the request's holdDownSeconds and the hub's --rebalance-hold-down-secs) lets the next start from {until}"
-                )));
-            }
-        }
-    }
-    evacuation::ActiveModel {
-        id: Set(id),
-        kind: Set(kind.to_owned()),
-        cluster_id: Set(source_id),
-        state: Set(EvacuationState::Running.as_str().to_owned()),
-        plan: Set(json!(plan)),
-        limits: Set(json!(plan.limits)),
-        counters: Set(json!({})),
-        deadline: Set(None),
-        schedule_id: Set(None),
-        created_by: Set(actor.to_owned()),
-        created_at: Set(now),
-        started_at: Set(Some(now)),
-        finished_at: Set(None),
-    }
-    .insert(&tx)
-    .await?;
     // Its migrations land with it: a scheduler round never sees the evacuation without them
     // (and would end it as done).
-    let clusters: HashMap<String, Uuid> = cluster::Entity::find()
-        .all(&tx)
-        .await?
-        .into_iter()
-        .map(|c| (c.name, c.id))
-        .collect();
-    let mut queued = Vec::with_capacity(plan.moves.len());
-    for m in &plan.moves {
-        let (Some(&source), Some(&target)) = (
-            clusters.get(m.vm.cluster.as_str()),
-            clusters.get(m.target_cluster.as_str()),
-        ) else {
-            continue;
-        };
-        let q = QueuedMigration {
-            vm_uid: m.vm_uid.clone(),
-            namespace: m.vm.namespace.to_string(),
-            name: m.vm.name.to_string(),
-            source_cluster: (source, m.vm.cluster.to_string()),
-            target_cluster: (target, m.target_cluster.to_string()),
-            target_namespace: m.target_namespace.clone(),
-            source_node: m.source_node.clone(),
-            planned_bytes: m.bytes.min(i64::MAX as u64) as i64,
-            options: m.options,
-            evacuation_id: Some(id),
-            queue_position: m.position.min(i64::MAX as u64) as i64,
-            attempt: 1,
-        };
-        if crate::orchestration::migrations::insert_queued(&tx, m.id, &q, actor, now).await? {
-            queued.push(m.id);
+    let queue = |clusters: &HashMap<String, Uuid>| {
+        let mut queued = Vec::with_capacity(plan.moves.len());
+        for m in &plan.moves {
+            let (Some(&source), Some(&target)) = (
+                clusters.get(m.vm.cluster.as_str()),
+                clusters.get(m.target_cluster.as_str()),
+            ) else {
+                continue;
+            };
+            queued.push(NewMigration {
+                id: m.id,
+                queued: QueuedMigration {
+                    vm_uid: m.vm_uid.clone(),
+                    namespace: m.vm.namespace.to_string(),
+                    name: m.vm.name.to_string(),
+                    source_cluster: (source, m.vm.cluster.to_string()),
+                    target_cluster: (target, m.target_cluster.to_string()),
+                    target_namespace: m.target_namespace.clone(),
+                    source_node: m.source_node.clone(),
+                    planned_bytes: m.bytes.min(i64::MAX as u64) as i64,
+                    options: m.options,
+                    evacuation_id: Some(id),
+                    queue_position: m.position.min(i64::MAX as u64) as i64,
+                    attempt: 1,
+                },
+                trace_id: crate::orchestration::migration_trace::trace_id_text(m.id),
+            });
         }
-    }
-    tx.commit().await?;
+        queued
+    };
+    // A rebalance checks its hold-down and records itself in one serialised transaction.
+    let queued = match EvacuationRows::new(store.clone()).start(new, queue).await? {
+        Started::Queued(queued) => queued,
+        Started::HeldDown {
+            last,
+            hold_down,
+            until,
+        } => {
+            return Err(MigrateError::Conflict(format!(
+                "a rebalance started at {last}; the hold-down time ({hold_down} s, the longer of the request's holdDownSeconds and the hub's --rebalance-hold-down-secs) lets the next start from {until}"
+            )));
+        }
+    };
     for migration in queued {
         // Stored already: a failure here only delays the news (the scheduler ticks anyway).
         if let Err(e) = migrations.announce_queued(migration).await {
@@ -305,8 +223,9 @@ pub async fn cancel(
     id: Uuid,
     actor: &str,
 ) -> Result<(), MigrateError> {
-    let row = evacuation::Entity::find_by_id(id)
-        .one(&store.db)
+    let evacuations = EvacuationRows::new(store.clone());
+    let row = evacuations
+        .find(id)
         .await?
         .ok_or_else(|| MigrateError::NotFound(format!("evacuation {id} does not exist")))?;
     if row.state != EvacuationState::Running.as_str() {
@@ -315,30 +234,13 @@ pub async fn cancel(
             row.state
         )));
     }
-    let moved = evacuation::Entity::update_many()
-        .col_expr(
-            evacuation::Column::State,
-            EvacuationState::Cancelled.as_str().into(),
-        )
-        .col_expr(
-            evacuation::Column::FinishedAt,
-            Some(store.clock.now()).into(),
-        )
-        .filter(evacuation::Column::Id.eq(id))
-        .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
-        .exec(&store.db)
-        .await?;
-    if moved.rows_affected == 0 {
+    if !evacuations.cancel(id, store.clock.now()).await? {
         return Err(MigrateError::Conflict(format!(
             "evacuation {id} ended meanwhile"
         )));
     }
-    let active = migration::Entity::find()
-        .filter(migration::Column::EvacuationId.eq(id))
-        .filter(
-            migration::Column::Phase.is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
-        )
-        .all(&store.db)
+    let active = MigrationRows::new(store.clone())
+        .not_ended_of_evacuation(id)
         .await?;
     for m in active {
         match migrations.cancel(m.id, actor).await {
@@ -371,9 +273,8 @@ pub async fn retry_failed(
     migrations: &Migrations,
     settings: &SchedulerSettings,
 ) -> Result<(), StoreError> {
-    let running: Vec<Uuid> = evacuation::Entity::find()
-        .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
-        .all(&store.db)
+    let running: Vec<Uuid> = EvacuationRows::new(store.clone())
+        .running()
         .await?
         .into_iter()
         .map(|e| e.id)
@@ -381,9 +282,8 @@ pub async fn retry_failed(
     if running.is_empty() {
         return Ok(());
     }
-    let rows = migration::Entity::find()
-        .filter(migration::Column::EvacuationId.is_in(running))
-        .all(&store.db)
+    let rows = MigrationRows::new(store.clone())
+        .of_evacuations(running)
         .await?;
     let mut latest: HashMap<(Uuid, &str), &migration::Model> = HashMap::new();
     for m in &rows {
@@ -406,11 +306,7 @@ pub async fn retry_failed(
         else {
             continue;
         };
-        let Some(options) = m
-            .options
-            .clone()
-            .and_then(|o| serde_json::from_value::<MigrationOptions>(o).ok())
-        else {
+        let Some(options) = m.planned_options() else {
             continue;
         };
         let (Some(source), Some(target)) = (m.source_cluster_id, m.target_cluster_id) else {
@@ -453,10 +349,8 @@ async fn retry_is_safe(
             return Ok(false);
         }
     }
-    let on_source = vm::Entity::find()
-        .filter(vm::Column::Uid.eq(&m.vm_uid))
-        .filter(vm::Column::ClusterId.eq(m.source_cluster_id.unwrap_or_default()))
-        .one(&store.db)
+    let on_source = MigrationRows::new(store.clone())
+        .vm_on_cluster(&m.vm_uid, m.source_cluster_id.unwrap_or_default())
         .await?;
     Ok(on_source.is_some_and(|v| v.phase == VmPhase::Running.as_str()))
 }
@@ -467,9 +361,8 @@ pub async fn counters(
     e: &evacuation::Model,
     max_attempts: i32,
 ) -> Result<Counters, StoreError> {
-    let rows = migration::Entity::find()
-        .filter(migration::Column::EvacuationId.eq(e.id))
-        .all(&store.db)
+    let rows = MigrationRows::new(store.clone())
+        .of_evacuation(e.id)
         .await?;
     Ok(counters_of(e, &rows, max_attempts))
 }
@@ -488,10 +381,8 @@ pub fn counters_of(
         }
     }
     let mut c = Counters {
-        planned: e.plan["moves"].as_array().map_or(0, |m| m.len() as i64),
-        cannot_move: e.plan["cannotMove"]
-            .as_array()
-            .map_or(0, |m| m.len() as i64),
+        planned: e.planned_move_count(),
+        cannot_move: e.cannot_move_count(),
         ..Counters::default()
     };
     let cancelled = e.state == EvacuationState::Cancelled.as_str();
@@ -510,10 +401,8 @@ pub fn counters_of(
 
 /// Ends running evacuations whose migrations have all ended for good.
 pub async fn finish_ended(store: &Store, max_attempts: i32) -> Result<(), StoreError> {
-    let running = evacuation::Entity::find()
-        .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
-        .all(&store.db)
-        .await?;
+    let evacuations = EvacuationRows::new(store.clone());
+    let running = evacuations.running().await?;
     // Progress of the running evacuations, summed (per-evacuation detail is in the API).
     let mut progress = Counters::default();
     for e in running {
@@ -531,16 +420,8 @@ pub async fn finish_ended(store: &Store, max_attempts: i32) -> Result<(), StoreE
         } else {
             EvacuationState::Failed
         };
-        evacuation::Entity::update_many()
-            .col_expr(evacuation::Column::State, state.as_str().into())
-            .col_expr(evacuation::Column::Counters, json!(c).into())
-            .col_expr(
-                evacuation::Column::FinishedAt,
-                Some(store.clock.now()).into(),
-            )
-            .filter(evacuation::Column::Id.eq(e.id))
-            .filter(evacuation::Column::State.eq(EvacuationState::Running.as_str()))
-            .exec(&store.db)
+        evacuations
+            .finish(e.id, state, &c, store.clock.now())
             .await?;
         tracing::info!(evacuation = %e.id, state = state.as_str(), succeeded = c.succeeded, failed = c.failed, cannot_move = c.cannot_move, "ended");
     }
@@ -577,7 +458,7 @@ pub fn estimated_finish(
         .map(|m| m.planned_bytes)
         .sum();
     if done <= 0 {
-        let planned = e.plan["estimate"]["seconds"].as_f64()?;
+        let planned = e.planned_seconds()?;
         return Some(started + chrono::Duration::milliseconds((planned * 1000.0) as i64));
     }
     let elapsed = (now - started).num_milliseconds().max(1) as f64;

@@ -146,7 +146,7 @@ pub fn migration_ended(
 
 /// The phase timestamps recorded in a row.
 pub fn stamps(row: &migration::Model) -> BTreeMap<String, DateTime<Utc>> {
-    serde_json::from_value(row.phase_timestamps.clone()).unwrap_or_default()
+    row.phase_stamps()
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! timestamps, progress reported by the agents, and the outcome. The driver keeps no state of its
 //! own: after a hub restart `resume` picks every in-flight migration up from its row.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,8 +11,6 @@ use drover_shared::commands::AgentCommand;
 use drover_shared::inventory::{MigrationConfig, MigrationPhase};
 use drover_shared::migration::{MigrationOptions, MigrationStatus};
 use drover_shared::{ClusterName, MigrationId, Namespace, VmName, VmRef};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
-use serde_json::json;
 use uuid::Uuid;
 
 use drover_graphql::MigrationEvent;
@@ -26,8 +23,11 @@ use crate::core::lifecycle::{
     SEND_MARGIN,
 };
 use crate::orchestration::migration_trace;
-use crate::store::entities::{cluster, migration, vm};
+use crate::store::entities::migration;
+use crate::store::migrations::{MigrationRows, NewMigration};
 use crate::store::{Store, StoreError};
+
+pub use crate::store::migrations::QueuedMigration;
 
 /// What an operator asks for.
 #[derive(Debug, Clone)]
@@ -52,34 +52,11 @@ pub enum MigrateError {
     Store(#[from] StoreError),
 }
 
-impl From<sea_orm::DbErr> for MigrateError {
-    fn from(e: sea_orm::DbErr) -> Self {
-        Self::Store(e.into())
-    }
-}
-
-/// A migration to queue: what moves where, as planned.
-#[derive(Debug, Clone)]
-pub struct QueuedMigration {
-    pub vm_uid: String,
-    pub namespace: String,
-    pub name: String,
-    /// (id, name) of the source cluster.
-    pub source_cluster: (Uuid, String),
-    pub target_cluster: (Uuid, String),
-    pub target_namespace: String,
-    pub source_node: String,
-    /// Memory plus disks.
-    pub planned_bytes: i64,
-    pub options: MigrationOptions,
-    pub evacuation_id: Option<Uuid>,
-    pub queue_position: i64,
-    pub attempt: i32,
-}
-
 #[derive(Clone)]
 pub struct Migrations {
     store: Store,
+    /// The migrations table.
+    rows: MigrationRows,
     commands: CommandStore,
     sessions: Sessions,
     /// The migrations this process drives (one driver each), each with the token that stops
@@ -150,6 +127,7 @@ impl Migrations {
         leases: crate::store::leases::Leases,
     ) -> Self {
         Self {
+            rows: MigrationRows::new(store.clone()),
             store,
             commands,
             sessions,
@@ -199,26 +177,26 @@ impl Migrations {
     /// Checks what applies to one VM and, if all is well, creates the migration and starts
     /// driving it. Returns its id.
     pub async fn start(&self, req: MigrateRequest, actor: &str) -> Result<Uuid, MigrateError> {
-        let db = &self.store.db;
-        let find_cluster = |name: &ClusterName| {
-            cluster::Entity::find()
-                .filter(cluster::Column::Name.eq(name.as_str()))
-                .one(db)
-        };
-        let source = find_cluster(&req.cluster).await?.ok_or_else(|| {
-            MigrateError::NotFound(format!("cluster \"{}\" is not in the fleet", req.cluster))
-        })?;
-        let target = find_cluster(&req.target_cluster).await?.ok_or_else(|| {
-            MigrateError::NotFound(format!(
-                "target cluster \"{}\" is not in the fleet",
-                req.target_cluster
-            ))
-        })?;
-        let vm = vm::Entity::find()
-            .filter(vm::Column::ClusterId.eq(source.id))
-            .filter(vm::Column::Namespace.eq(&req.namespace))
-            .filter(vm::Column::Name.eq(&req.name))
-            .one(db)
+        let source = self
+            .rows
+            .cluster_named(req.cluster.as_str())
+            .await?
+            .ok_or_else(|| {
+                MigrateError::NotFound(format!("cluster \"{}\" is not in the fleet", req.cluster))
+            })?;
+        let target = self
+            .rows
+            .cluster_named(req.target_cluster.as_str())
+            .await?
+            .ok_or_else(|| {
+                MigrateError::NotFound(format!(
+                    "target cluster \"{}\" is not in the fleet",
+                    req.target_cluster
+                ))
+            })?;
+        let vm = self
+            .rows
+            .vm_named(source.id, &req.namespace, &req.name)
             .await?
             .ok_or_else(|| {
                 MigrateError::NotFound(format!(
@@ -226,14 +204,7 @@ impl Migrations {
                     req.namespace, req.name, req.cluster
                 ))
             })?;
-        let in_flight = migration::Entity::find()
-            .filter(migration::Column::VmUid.eq(&vm.uid))
-            .filter(
-                migration::Column::Phase
-                    .is_in(MigrationPhase::NOT_ENDED.iter().map(|p| p.as_str())),
-            )
-            .count(db)
-            .await?;
+        let in_flight = self.rows.not_ended_of_vm(&vm.uid).await?;
         if in_flight > 0 {
             return Err(MigrateError::Conflict(format!(
                 "virtual machine {}/{} is already migrating; wait for it or cancel it",
@@ -303,7 +274,16 @@ impl Migrations {
         q: QueuedMigration,
         actor: &str,
     ) -> Result<Uuid, StoreError> {
-        if insert_queued(&self.store.db, id, &q, actor, self.store.clock.now()).await? {
+        let new = NewMigration {
+            id,
+            queued: q,
+            trace_id: migration_trace::trace_id_text(id),
+        };
+        if self
+            .rows
+            .insert_queued(&new, actor, self.store.clock.now())
+            .await?
+        {
             self.announce_queued(id).await?;
         }
         Ok(id)
@@ -311,10 +291,7 @@ impl Migrations {
 
     /// Tells subscribers and the scheduler of a migration just queued (after its commit).
     pub async fn announce_queued(&self, id: Uuid) -> Result<(), StoreError> {
-        if let Some(row) = migration::Entity::find_by_id(id)
-            .one(&self.store.db)
-            .await?
-        {
+        if let Some(row) = self.rows.find(id).await? {
             self.publish(event_of(
                 &row,
                 MigrationPhase::Pending,
@@ -411,9 +388,7 @@ impl Migrations {
         loop {
             match self.drive(id).await {
                 Ok(()) => return,
-                Err(StoreError::Database(
-                    e @ (sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::Custom(_)),
-                )) => {
+                Err(e) if crate::store::migrations::gone_or_unreadable(&e) => {
                     tracing::error!(migration = %id, error = %e, "migration driver gave up: its row is gone or unreadable");
                     return;
                 }
@@ -428,12 +403,7 @@ impl Migrations {
     }
 
     async fn row(&self, id: Uuid) -> Result<migration::Model, StoreError> {
-        migration::Entity::find_by_id(id)
-            .one(&self.store.db)
-            .await?
-            .ok_or_else(|| {
-                StoreError::Database(sea_orm::DbErr::RecordNotFound(format!("migration {id}")))
-            })
+        self.rows.get(id).await
     }
 
     /// Moves `id` to `phase` if it is still in flight; false when something else ended it.
@@ -447,39 +417,23 @@ impl Migrations {
         failure: Option<String>,
     ) -> Result<bool, StoreError> {
         let row = self.row(id).await?;
-        let mut stamps = migration_trace::stamps(&row);
+        let mut stamps = row.phase_stamps();
         let now = self.store.clock.now();
         stamps.entry(phase.as_str().to_owned()).or_insert(now);
         let done = matches!(phase, MigrationPhase::Succeeded | MigrationPhase::Failed);
-        let mut update = migration::Entity::update_many()
-            .col_expr(migration::Column::Phase, phase.as_str().into())
-            .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
-            .col_expr(migration::Column::UpdatedAt, now.into())
-            .filter(migration::Column::Id.eq(id))
-            .filter(migration::Column::Phase.is_in(from.iter().map(|p| p.as_str())));
-        if done {
-            update = update.col_expr(migration::Column::FinishedAt, Some(now).into());
-        }
-        if phase == MigrationPhase::Succeeded {
-            // A cancel that came too late (the switchover was under way) explains nothing.
-            update = update.col_expr(
-                migration::Column::FailureReason,
-                Option::<String>::None.into(),
-            );
-        }
-        // The first reason stands (an operator's cancel explains the failure that follows).
-        if let Some(reason) = failure.as_ref().filter(|_| row.failure_reason.is_none()) {
-            update = update.col_expr(
-                migration::Column::FailureReason,
-                Some(reason.clone()).into(),
-            );
-        }
-        let moved = update.exec(&self.store.db).await?.rows_affected > 0;
+        // Succeeded clears the reason: a cancel that came too late (the switchover was under
+        // way) explains nothing. The first reason stands (an operator's cancel explains the
+        // failure that follows).
+        let record_reason = failure.clone().filter(|_| row.failure_reason.is_none());
+        let moved = self
+            .rows
+            .set_phase(id, from, phase, &stamps, record_reason, now)
+            .await?;
         if moved {
             tracing::info!(migration = %id, phase = phase.as_str(), failure = failure.as_deref().unwrap_or(""), "migration phase");
             let reason = row.failure_reason.as_deref().or(failure.as_deref());
             self.publish(event_of(&row, phase, None, reason.filter(|_| done), now));
-            if let Some(ended) = MigrationPhase::parse(&row.phase) {
+            if let Some(ended) = row.stored_phase() {
                 let started = stamps
                     .get(ended.as_str())
                     .copied()
@@ -508,14 +462,14 @@ impl Migrations {
         command: AgentCommand,
     ) -> Result<StoredCommand, StoreError> {
         let cluster = ClusterName::new(cluster.to_owned())
-            .map_err(|e| StoreError::Database(sea_orm::DbErr::Custom(e.to_string())))?;
+            .map_err(|e| crate::store::migrations::unreadable(e.to_string()))?;
         let (stored, new) = self
             .commands
             .submit(&cluster, key, &command, "drover-hub")
             .await
             .map_err(|e| match e {
                 crate::agents::commands::CommandError::Store(s) => s,
-                other => StoreError::Database(sea_orm::DbErr::Custom(other.to_string())),
+                other => crate::store::migrations::unreadable(other.to_string()),
             })?;
         if new {
             self.sessions.deliver(stored.clone());
@@ -596,9 +550,7 @@ impl Migrations {
                         AgentCommand::PrepareReceiver {
                             migration_id: mid,
                             source_cluster: ClusterName::new(row.source_cluster_name.clone())
-                                .map_err(|e| {
-                                    StoreError::Database(sea_orm::DbErr::Custom(e.to_string()))
-                                })?,
+                                .map_err(|e| crate::store::migrations::unreadable(e.to_string()))?,
                             namespace: row.target_namespace.clone(),
                             name: row.vm_name.clone(),
                             trace_parent: Some(migration_trace::phase_traceparent(
@@ -655,14 +607,8 @@ impl Migrations {
         &self,
         row: &migration::Model,
     ) -> Result<Result<AgentCommand, String>, StoreError> {
-        let target = cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(&row.target_cluster_name))
-            .one(&self.store.db)
-            .await?;
-        let source = cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(&row.source_cluster_name))
-            .one(&self.store.db)
-            .await?;
+        let target = self.rows.cluster_named(&row.target_cluster_name).await?;
+        let source = self.rows.cluster_named(&row.source_cluster_name).await?;
         let (Some(target), Some(source)) = (target, source) else {
             return Ok(Err("a cluster of this migration left the fleet".into()));
         };
@@ -676,15 +622,10 @@ impl Migrations {
             )));
         };
         // As planned (policy or the source's defaults then).
-        let options = match row
-            .options
-            .clone()
-            .and_then(|o| serde_json::from_value::<MigrationOptions>(o).ok())
-        {
+        let options = match row.planned_options() {
             Some(options) => options,
             None => {
-                let config: MigrationConfig =
-                    serde_json::from_value(source.migration_config.clone()).unwrap_or_default();
+                let config: MigrationConfig = source.migration_config.unwrap_or_default();
                 MigrationOptions {
                     bandwidth_bytes_per_sec: config.bandwidth_per_migration,
                     allow_auto_converge: config.allow_auto_converge,
@@ -711,25 +652,11 @@ impl Migrations {
 
     /// completionTimeoutPerGiB x (memory + disks) of the VM.
     async fn completion_limit(&self, row: &migration::Model) -> Result<Duration, StoreError> {
-        let source = cluster::Entity::find()
-            .filter(cluster::Column::Name.eq(&row.source_cluster_name))
-            .one(&self.store.db)
-            .await?;
+        let source = self.rows.cluster_named(&row.source_cluster_name).await?;
         let per_gib = source
-            .and_then(|c| serde_json::from_value::<MigrationConfig>(c.migration_config).ok())
+            .and_then(|c| c.migration_config)
             .map_or(150, |c| c.completion_timeout_per_gib) as u64;
-        let vm = vm::Entity::find()
-            .filter(vm::Column::Uid.eq(&row.vm_uid))
-            .one(&self.store.db)
-            .await?;
-        let bytes = vm.map_or(0, |v| {
-            let disks: u64 = v
-                .disks
-                .as_array()
-                .map(|d| d.iter().filter_map(|d| d["sizeBytes"].as_u64()).sum())
-                .unwrap_or(0);
-            v.memory_bytes.max(0) as u64 + disks
-        });
+        let bytes = self.rows.vm_bytes(&row.vm_uid).await?;
         let gib = (bytes as f64 / (1u64 << 30) as f64).max(1.0);
         Ok(Duration::from_secs_f64(per_gib as f64 * gib))
     }
@@ -770,8 +697,9 @@ impl Migrations {
     /// Cancels a migration before switchover: both sides are told, the target side is removed,
     /// the source keeps running.
     pub async fn cancel(&self, id: Uuid, actor: &str) -> Result<(), MigrateError> {
-        let row = migration::Entity::find_by_id(id)
-            .one(&self.store.db)
+        let row = self
+            .rows
+            .find(id)
             .await?
             .ok_or_else(|| MigrateError::NotFound(format!("migration {id} does not exist")))?;
         let stored = stored_of(&row).ok_or_else(|| {
@@ -806,16 +734,8 @@ impl Migrations {
         // Sending: the source stops the transfer (unless the switchover already began, which
         // cannot be undone), and the send's outcome ends the migration; the reason is recorded
         // now so that the failure that follows says why.
-        let recorded = migration::Entity::update_many()
-            .col_expr(migration::Column::FailureReason, Some(reason).into())
-            .filter(migration::Column::Id.eq(id))
-            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
-            .filter(migration::Column::FailureReason.is_null())
-            .filter(migration::Column::SwitchoverAt.is_null())
-            .exec(&self.store.db)
-            .await?
-            .rows_affected;
-        if recorded == 0 {
+        let recorded = self.rows.record_cancel(id, reason).await?;
+        if !recorded {
             // It moved on meanwhile (switchover began, or it ended): decide again on the row as
             // it is now. Still running with a cancel recorded: an earlier cancel, told again.
             let now = self.row(id).await?;
@@ -832,8 +752,9 @@ impl Migrations {
 
 /// The migration as the state machine sees it; None for a phase this hub does not know.
 pub fn stored_of(row: &migration::Model) -> Option<Stored> {
-    let phase = MigrationPhase::parse(&row.phase)?;
-    let phase_began = migration_trace::stamps(row)
+    let phase = row.stored_phase()?;
+    let phase_began = row
+        .phase_stamps()
         .get(phase.as_str())
         .copied()
         .unwrap_or(row.updated_at);
@@ -848,61 +769,6 @@ pub fn stored_of(row: &migration::Model) -> Option<Stored> {
     })
 }
 
-/// Stores migration `id` as queued (`Pending`) through `db` (a transaction, when it must land
-/// together with what it belongs to); false when a migration with that id exists already.
-pub async fn insert_queued(
-    db: &impl sea_orm::ConnectionTrait,
-    id: Uuid,
-    q: &QueuedMigration,
-    actor: &str,
-    now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
-    let stamps = BTreeMap::from([(MigrationPhase::Pending.as_str().to_owned(), now)]);
-    let row = migration::ActiveModel {
-        id: Set(id),
-        vm_namespace: Set(q.namespace.clone()),
-        vm_name: Set(q.name.clone()),
-        vm_uid: Set(q.vm_uid.clone()),
-        source_cluster_id: Set(Some(q.source_cluster.0)),
-        target_cluster_id: Set(Some(q.target_cluster.0)),
-        source_cluster_name: Set(q.source_cluster.1.clone()),
-        target_cluster_name: Set(q.target_cluster.1.clone()),
-        target_namespace: Set(q.target_namespace.clone()),
-        storage_class_map: Set(json!({})),
-        network_map: Set(json!({})),
-        phase: Set(MigrationPhase::Pending.as_str().to_owned()),
-        phase_timestamps: Set(json!(stamps)),
-        bytes_total: Set(0),
-        bytes_transferred: Set(0),
-        bytes_remaining: Set(0),
-        dirty_rate_bytes_per_sec: Set(0),
-        throughput_bytes_per_sec: Set(0),
-        failure_reason: Set(None),
-        attempt: Set(q.attempt),
-        evacuation_id: Set(q.evacuation_id),
-        trace_id: Set(Some(migration_trace::trace_id_text(id))),
-        requested_by: Set(actor.to_owned()),
-        created_at: Set(now),
-        updated_at: Set(now),
-        finished_at: Set(None),
-        queue_position: Set(q.queue_position),
-        source_node: Set(q.source_node.clone()),
-        planned_bytes: Set(q.planned_bytes),
-        bandwidth_bytes_per_sec: Set(q.options.bandwidth_bytes_per_sec.min(i64::MAX as u64) as i64),
-        options: Set(Some(json!(q.options))),
-        switchover_at: Set(None),
-    };
-    let inserted = migration::Entity::insert(row)
-        .on_conflict(
-            sea_orm::sea_query::OnConflict::column(migration::Column::Id)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(db)
-        .await?;
-    Ok(inserted > 0)
-}
-
 /// Records a status report from an agent: progress (from the source) while the migration runs.
 pub async fn record_status(
     store: &Store,
@@ -911,53 +777,22 @@ pub async fn record_status(
     from: &ClusterName,
     status: &MigrationStatus,
 ) -> Result<(), StoreError> {
+    let rows = MigrationRows::new(store.clone());
     if status.switchover {
         // From now on no cancel is taken (the source's agent would refuse it too).
-        migration::Entity::update_many()
-            .col_expr(
-                migration::Column::SwitchoverAt,
-                Some(store.clock.now()).into(),
-            )
-            .filter(migration::Column::Id.eq(status.migration_id.0))
-            .filter(migration::Column::SourceClusterName.eq(from.as_str()))
-            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
-            .filter(migration::Column::SwitchoverAt.is_null())
-            .exec(&store.db)
+        rows.record_switchover(status.migration_id.0, from.as_str(), store.clock.now())
             .await?;
     }
     {
         let Some(p) = status.progress else {
             return Ok(());
         };
-        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
-        migration::Entity::update_many()
-            .col_expr(migration::Column::BytesTotal, clamp(p.bytes_total).into())
-            .col_expr(
-                migration::Column::BytesTransferred,
-                clamp(p.bytes_transferred).into(),
-            )
-            .col_expr(
-                migration::Column::BytesRemaining,
-                clamp(p.bytes_remaining).into(),
-            )
-            .col_expr(
-                migration::Column::DirtyRateBytesPerSec,
-                clamp(p.dirty_rate_bytes_per_sec).into(),
-            )
-            .col_expr(
-                migration::Column::ThroughputBytesPerSec,
-                clamp(p.throughput_bytes_per_sec).into(),
-            )
-            .col_expr(migration::Column::UpdatedAt, store.clock.now().into())
-            .filter(migration::Column::Id.eq(status.migration_id.0))
-            .filter(migration::Column::SourceClusterName.eq(from.as_str()))
-            .filter(migration::Column::Phase.eq(MigrationPhase::Running.as_str()))
-            .exec(&store.db)
+        rows.record_progress(status.migration_id.0, from.as_str(), &p, store.clock.now())
             .await?;
         // Subscribers here, or on other replicas, see it.
         if events.receiver_count() > 0 || replicas.is_shared() {
-            if let Some(row) = migration::Entity::find_by_id(status.migration_id.0)
-                .one(&store.db)
+            if let Some(row) = rows
+                .find(status.migration_id.0)
                 .await?
                 .filter(|r| r.phase == MigrationPhase::Running.as_str())
             {
@@ -981,6 +816,7 @@ pub async fn record_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn row_in(phase: MigrationPhase, began: chrono::DateTime<Utc>) -> migration::Model {
         migration::Model {

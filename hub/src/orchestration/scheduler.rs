@@ -11,24 +11,21 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use drover_shared::inventory::{MigrationConfig, MigrationPhase};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, Statement, TransactionTrait,
-};
-use serde_json::json;
+use drover_shared::inventory::MigrationPhase;
 use uuid::Uuid;
 
 use crate::config::SchedulerSettings;
 use crate::core::admission::{self, AdmissionLimits, ClusterSlots, MigrationRequest};
 use crate::orchestration::migrations::Migrations;
-use crate::store::entities::{cluster, migration};
+use crate::store::entities::migration;
+use crate::store::migrations::MigrationRows;
 use crate::store::{Store, StoreError};
+
+/// The advisory lock key that serialises admission across hub replicas ("drover-admit").
+pub use crate::store::migrations::ADMISSION_LOCK;
 
 /// How often the scheduler looks even when nothing woke it (timeouts, other replicas' work).
 const TICK: Duration = Duration::from_secs(1);
-/// The advisory lock key that serialises admission across hub replicas ("drover-admit").
-pub const ADMISSION_LOCK: i64 = 0x6472_6f76_6572_4144;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -109,84 +106,35 @@ impl Scheduler {
 
     /// Admits what every limit allows; returns the admitted migrations' ids.
     pub async fn admit(&self) -> Result<Vec<Uuid>, StoreError> {
-        // SQLite (one hub) has no advisory locks and its writers would only collide: one
-        // admission at a time in this process. PostgreSQL serialises replicas with the lock
-        // taken below.
-        static SQLITE_ADMISSION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let _one = match self.store.backend() {
-            DbBackend::Sqlite => Some(SQLITE_ADMISSION.lock().await),
-            _ => None,
-        };
-        let tx = self.store.db.begin().await?;
-        lock_admission(&tx).await?;
-        let queued = migration::Entity::find()
-            .filter(migration::Column::Phase.eq(MigrationPhase::Pending.as_str()))
-            .order_by_asc(migration::Column::CreatedAt)
-            .order_by_asc(migration::Column::QueuePosition)
-            .all(&tx)
+        let admission = MigrationRows::new(self.store.clone())
+            .admit(|queued, running, configs| {
+                let settings = self.settings();
+                let limits = AdmissionLimits {
+                    max_in_flight: settings.max_in_flight,
+                    max_attempts: settings.max_attempts.max(1) as u32,
+                    clusters: configs
+                        .iter()
+                        .map(|(name, c)| (name.clone(), ClusterSlots::from(c)))
+                        .collect(),
+                    pair_bandwidth: settings.pair_bandwidth(),
+                };
+                let in_flight: Vec<MigrationRequest> = running.iter().map(request_of).collect();
+                let candidates: Vec<MigrationRequest> = queued.iter().map(request_of).collect();
+                let decision = admission::admit(&limits, &candidates, &in_flight);
+                (limits, decision.admitted)
+            })
             .await?;
-        if queued.is_empty() {
-            tx.commit().await?;
+        let Some(admission) = admission else {
             metrics::gauge!("drover_migrations_waiting").set(0.0);
             return Ok(Vec::new());
-        }
-        let running = migration::Entity::find()
-            .filter(
-                migration::Column::Phase
-                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
-            )
-            .all(&tx)
-            .await?;
-        let configs: HashMap<String, MigrationConfig> = cluster::Entity::find()
-            .all(&tx)
-            .await?
-            .into_iter()
-            .map(|c| {
-                (
-                    c.name,
-                    serde_json::from_value(c.migration_config).unwrap_or_default(),
-                )
-            })
-            .collect();
-        let settings = self.settings();
-        let limits = AdmissionLimits {
-            max_in_flight: settings.max_in_flight,
-            max_attempts: settings.max_attempts.max(1) as u32,
-            clusters: configs
-                .iter()
-                .map(|(name, c)| (name.clone(), ClusterSlots::from(c)))
-                .collect(),
-            pair_bandwidth: settings.pair_bandwidth(),
         };
-        let in_flight: Vec<MigrationRequest> = running.iter().map(request_of).collect();
-        let candidates: Vec<MigrationRequest> = queued.iter().map(request_of).collect();
-        let decision = admission::admit(&limits, &candidates, &in_flight);
-        let now = self.store.clock.now();
-        let mut admitted = Vec::new();
-        for id in decision.admitted {
-            let Some(row) = queued.iter().find(|r| r.id == id) else {
-                continue;
-            };
-            let mut stamps = crate::orchestration::migration_trace::stamps(row);
-            for phase in [MigrationPhase::Scheduling, MigrationPhase::Scheduled] {
-                stamps.entry(phase.as_str().to_owned()).or_insert(now);
-            }
-            let moved = migration::Entity::update_many()
-                .col_expr(
-                    migration::Column::Phase,
-                    MigrationPhase::Scheduled.as_str().into(),
-                )
-                .col_expr(migration::Column::PhaseTimestamps, json!(stamps).into())
-                .col_expr(migration::Column::UpdatedAt, now.into())
-                .filter(migration::Column::Id.eq(row.id))
-                .filter(migration::Column::Phase.eq(MigrationPhase::Pending.as_str()))
-                .exec(&tx)
-                .await?;
-            if moved.rows_affected > 0 {
-                admitted.push(row.id);
-            }
-        }
-        tx.commit().await?;
+        let (queued, running, limits, admitted, now) = (
+            admission.queued,
+            admission.running,
+            admission.decided,
+            admission.admitted,
+            admission.now,
+        );
         record_slots(&limits, &running, &queued, &admitted);
         for id in &admitted {
             if let Some(row) = queued.iter().find(|r| r.id == *id) {
@@ -196,7 +144,8 @@ impl Scheduler {
                         .unwrap_or_default()
                         .as_secs_f64(),
                 );
-                let queued_at = crate::orchestration::migration_trace::stamps(row)
+                let queued_at = row
+                    .phase_stamps()
                     .get(MigrationPhase::Pending.as_str())
                     .copied()
                     .unwrap_or(row.created_at);
@@ -248,20 +197,6 @@ fn record_slots(
     }
     metrics::gauge!("drover_migrations_waiting")
         .set(queued.len().saturating_sub(admitted.len()) as f64);
-}
-
-/// Serialises admission across hub replicas (PostgreSQL); SQLite serves one hub and serialises
-/// writers itself.
-async fn lock_admission(tx: &DatabaseTransaction) -> Result<(), StoreError> {
-    if tx.get_database_backend() == DbBackend::Postgres {
-        tx.execute(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock($1)",
-            [ADMISSION_LOCK.into()],
-        ))
-        .await?;
-    }
-    Ok(())
 }
 
 /// A migration row as admission sees it.

@@ -5,11 +5,13 @@
 pub mod clusters;
 pub mod commands;
 pub mod entities;
+pub mod evacuations;
 pub mod fleet;
 pub mod identities;
 pub mod inventory;
 pub mod leases;
 pub mod migration;
+pub mod migrations;
 pub mod notify;
 pub mod policies;
 pub mod sql;
