@@ -320,21 +320,18 @@ async fn a_target_that_never_answers_fails_at_the_prepare_timeout_in_virtual_tim
     e.hub.clock.pause();
     let id = left_in(&e, "api-1", &["Pending", "Scheduled"], None).await;
     e.hub.hub.migrations.resume().await.unwrap();
+    // The driver records the phase, then stores the command for the target.
     eventually("the target was asked to prepare", PATIENCE, async || {
         row(&e, id).await.phase == "PreparingTarget"
+            && e.hub
+                .hub
+                .commands
+                .get("west-1", &format!("{id}/prepare-receiver"))
+                .await
+                .unwrap()
+                .is_some()
     })
     .await;
-    let prepare = e
-        .hub
-        .hub
-        .commands
-        .get("west-1", &format!("{id}/prepare-receiver"))
-        .await
-        .unwrap();
-    assert!(
-        prepare.is_some(),
-        "the prepare command is stored for west-1"
-    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         row(&e, id).await.phase,

@@ -52,15 +52,7 @@ pub struct CommandRecord {
     pub acked_at: Option<DateTime<Utc>>,
 }
 
-/// A single VM migration an operator asks for.
-#[derive(Debug, Clone)]
-pub struct MigrateRequest {
-    pub cluster: ClusterName,
-    pub namespace: String,
-    pub name: String,
-    pub target_cluster: ClusterName,
-    pub target_namespace: String,
-}
+pub use drover_shared::migration::MigrateRequest;
 
 /// One VM the plan moves.
 #[derive(Debug, Clone)]

@@ -1,4 +1,16 @@
-//! Events the hub publishes to GraphQL subscriptions.
+//! Events as GraphQL subscriptions show them, and [`FleetEvents`], where subscriptions get them
+//! (the hub implements it, mapping its own events onto these types).
+
+use futures::stream::BoxStream;
+
+/// The live events subscriptions read. Each call is a new subscriber's stream; a subscriber too
+/// slow to keep up misses events rather than holding the hub back.
+pub trait FleetEvents: Send + Sync {
+    /// Every inventory change from now on.
+    fn inventory(&self) -> BoxStream<'static, InventoryEvent>;
+    /// Every migration's phase changes and progress from now on.
+    fn migrations(&self) -> BoxStream<'static, MigrationEvent>;
+}
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, async_graphql::Enum, serde::Serialize, serde::Deserialize,

@@ -19,6 +19,6 @@ pub use admin::{
     PlannedMoveRecord, PolicyRecord, RemovedCluster,
 };
 pub use error::{classify_response_errors, ApiError, ErrorCode};
-pub use events::{InventoryEvent, InventoryEventKind, MigrationEvent};
+pub use events::{FleetEvents, InventoryEvent, InventoryEventKind, MigrationEvent};
 pub use reader::{FleetReader, ReadError};
 pub use schema::{build_schema, DroverSchema, SchemaLimits, MAX_PAGE_SIZE};

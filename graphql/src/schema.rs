@@ -16,7 +16,6 @@ use drover_shared::inventory as inv;
 use drover_shared::labels::LabelSelector;
 use drover_shared::{ClusterName, Namespace, VmName};
 use futures::Stream;
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::admin::FleetAdmin;
@@ -52,19 +51,17 @@ impl Default for SchemaLimits {
     }
 }
 
-/// Builds the schema over a reader; `events` feeds subscriptions.
+/// Builds the schema over a reader and an admin; `events` feeds subscriptions.
 pub fn build_schema(
     reader: Reader,
     admin: Arc<dyn FleetAdmin>,
-    events: broadcast::Sender<InventoryEvent>,
-    migration_events: broadcast::Sender<crate::events::MigrationEvent>,
+    events: Arc<dyn crate::events::FleetEvents>,
     limits: SchemaLimits,
 ) -> DroverSchema {
     Schema::build(Query, Mutation::default(), Subscription)
         .data(reader)
         .data(admin)
         .data(events)
-        .data(migration_events)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(limits.max_recursive_depth)
@@ -1269,29 +1266,13 @@ impl Subscription {
         migration_id: Option<ID>,
         evacuation_id: Option<ID>,
     ) -> Result<impl Stream<Item = crate::events::MigrationEvent>> {
-        let rx = ctx
-            .data_unchecked::<broadcast::Sender<crate::events::MigrationEvent>>()
-            .subscribe();
-        Ok(futures::stream::unfold(rx, move |mut rx| {
-            let (migration_id, evacuation_id) = (migration_id.clone(), evacuation_id.clone());
-            async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(ev)
-                            if migration_id.as_ref().is_none_or(|m| *m == ev.migration_id)
-                                && evacuation_id
-                                    .as_ref()
-                                    .is_none_or(|e| Some(e) == ev.evacuation_id.as_ref()) =>
-                        {
-                            return Some((ev, rx))
-                        }
-                        Ok(_) => continue,
-                        // A slow subscriber misses events rather than holding the hub back.
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            }
+        let events = ctx.data_unchecked::<Arc<dyn crate::events::FleetEvents>>();
+        Ok(futures::StreamExt::filter(events.migrations(), move |ev| {
+            let wanted = migration_id.as_ref().is_none_or(|m| *m == ev.migration_id)
+                && evacuation_id
+                    .as_ref()
+                    .is_none_or(|e| Some(e) == ev.evacuation_id.as_ref());
+            std::future::ready(wanted)
         }))
     }
 
@@ -1305,24 +1286,9 @@ impl Subscription {
             .map(|c| ClusterName::new(c).map(String::from))
             .transpose()
             .map_err(ApiError::from)?;
-        let rx = ctx
-            .data_unchecked::<broadcast::Sender<InventoryEvent>>()
-            .subscribe();
-        Ok(futures::stream::unfold(rx, move |mut rx| {
-            let cluster = cluster.clone();
-            async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) if cluster.as_ref().is_none_or(|c| *c == ev.cluster) => {
-                            return Some((ev, rx))
-                        }
-                        Ok(_) => continue,
-                        // A slow subscriber misses events rather than holding the hub back.
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            }
+        let events = ctx.data_unchecked::<Arc<dyn crate::events::FleetEvents>>();
+        Ok(futures::StreamExt::filter(events.inventory(), move |ev| {
+            std::future::ready(cluster.as_ref().is_none_or(|c| *c == ev.cluster))
         }))
     }
 }

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_graphql::{build_schema, DroverSchema, InventoryEvent, MigrationEvent, SchemaLimits};
+use drover_graphql::{build_schema, DroverSchema, SchemaLimits};
+use drover_shared::events::{InventoryChange, MigrationChange};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
@@ -42,8 +43,8 @@ pub struct Hub {
     pub migrations: crate::orchestration::migrations::Migrations,
     pub scheduler: crate::orchestration::scheduler::Scheduler,
     pub schema: DroverSchema,
-    pub events: broadcast::Sender<InventoryEvent>,
-    pub migration_events: broadcast::Sender<MigrationEvent>,
+    pub events: broadcast::Sender<InventoryChange>,
+    pub migration_events: broadcast::Sender<MigrationChange>,
     /// What this replica tells the others on one PostgreSQL, and hears from them.
     pub replicas: ReplicaBus,
 }
@@ -153,8 +154,10 @@ impl Hub {
         let schema = build_schema(
             reader,
             admin,
-            events.clone(),
-            migration_events.clone(),
+            Arc::new(crate::api::events::HubEvents {
+                inventory: events.clone(),
+                migrations: migration_events.clone(),
+            }),
             SchemaLimits::default(),
         );
         Self {

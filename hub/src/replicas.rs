@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_graphql::{InventoryEvent, MigrationEvent};
+use drover_shared::events::{InventoryChange, MigrationChange};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -38,10 +38,10 @@ pub enum Notice {
         key: String,
     },
     Migration {
-        event: MigrationEvent,
+        event: MigrationChange,
     },
     Inventory {
-        event: InventoryEvent,
+        event: InventoryChange,
     },
 }
 

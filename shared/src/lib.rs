@@ -3,6 +3,7 @@
 //! Nothing here performs I/O policy; it is plain data plus validation.
 
 pub mod commands;
+pub mod events;
 pub mod identity;
 pub mod ids;
 pub mod inventory;

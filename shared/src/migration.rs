@@ -24,6 +24,17 @@ pub struct MigrationOptions {
     pub progress_timeout_secs: u32,
 }
 
+/// A single VM migration an operator asks for: `namespace/name` on `cluster`, to
+/// `target_cluster` (into `target_namespace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateRequest {
+    pub cluster: crate::ClusterName,
+    pub namespace: String,
+    pub name: String,
+    pub target_cluster: crate::ClusterName,
+    pub target_namespace: String,
+}
+
 impl MigrationOptions {
     /// How long a migration of `bytes` (memory and disks) may take before it is given up:
     /// `completion_timeout_per_gib` per GiB, counting at least one GiB. The source's agent

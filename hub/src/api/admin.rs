@@ -510,16 +510,7 @@ impl FleetAdmin for HubAdmin {
         );
         let result = self
             .migrations
-            .start(
-                crate::orchestration::migrations::MigrateRequest {
-                    cluster: request.cluster,
-                    namespace: request.namespace,
-                    name: request.name,
-                    target_cluster: request.target_cluster,
-                    target_namespace: request.target_namespace,
-                },
-                actor,
-            )
+            .start(request, actor)
             .await
             .map_err(migrate_err);
         let details = match &result {

@@ -2,5 +2,6 @@
 //! orchestration, and the HTTP server (GraphQL, health, metrics).
 
 pub mod admin;
+pub mod events;
 pub mod reader;
 pub mod server;

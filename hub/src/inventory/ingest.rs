@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use drover_graphql::{InventoryEvent, InventoryEventKind};
+use drover_shared::events::{InventoryChange, InventoryChangeKind};
 use drover_shared::inventory::{ClusterHealth, InventoryDelta, InventorySnapshot};
 use tokio::sync::{broadcast, Mutex};
 
@@ -17,7 +17,7 @@ pub use crate::store::inventory::{IngestError, IngestOutcome};
 #[derive(Clone)]
 pub struct Ingest {
     store: Store,
-    events: broadcast::Sender<InventoryEvent>,
+    events: broadcast::Sender<InventoryChange>,
     /// Tells the other hub replicas' subscribers.
     replicas: crate::replicas::ReplicaBus,
     /// SQLite allows one writer; taking turns here avoids busy retries inside one hub.
@@ -27,7 +27,7 @@ pub struct Ingest {
 impl Ingest {
     pub fn new(
         store: Store,
-        events: broadcast::Sender<InventoryEvent>,
+        events: broadcast::Sender<InventoryChange>,
         replicas: crate::replicas::ReplicaBus,
     ) -> Self {
         let sqlite_writer = inventory::single_writer(&store).then(Default::default);
@@ -63,7 +63,7 @@ impl Ingest {
         let outcome = inventory::apply_snapshot(&self.store, snap, now).await?;
         self.committed(
             snap.cluster.as_str(),
-            InventoryEventKind::Snapshot,
+            InventoryChangeKind::Snapshot,
             &outcome,
             now,
         );
@@ -79,7 +79,7 @@ impl Ingest {
         let outcome = inventory::apply_delta(&self.store, delta, now).await?;
         self.committed(
             delta.cluster.as_str(),
-            InventoryEventKind::Delta,
+            InventoryChangeKind::Delta,
             &outcome,
             now,
         );
@@ -124,7 +124,7 @@ impl Ingest {
         }
         if publish {
             tracing::info!(%cluster, health = health.as_str(), "cluster health recorded");
-            self.publish(cluster, InventoryEventKind::Status, -1, 0, now);
+            self.publish(cluster, InventoryChangeKind::Status, -1, 0, now);
         }
         Ok(())
     }
@@ -142,7 +142,7 @@ impl Ingest {
         let names = inventory::mark_silent_clusters_unreachable(&self.store, cutoff, now).await?;
         for name in &names {
             tracing::warn!(cluster = %name, ?silence, "cluster unreachable: no heartbeat");
-            self.publish(name, InventoryEventKind::Status, -1, 0, now);
+            self.publish(name, InventoryChangeKind::Status, -1, 0, now);
         }
         Ok(names)
     }
@@ -150,14 +150,14 @@ impl Ingest {
     fn committed(
         &self,
         cluster: &str,
-        kind: InventoryEventKind,
+        kind: InventoryChangeKind,
         outcome: &IngestOutcome,
         now: DateTime<Utc>,
     ) {
         let kind_label = match kind {
-            InventoryEventKind::Snapshot => "snapshot",
-            InventoryEventKind::Delta => "delta",
-            InventoryEventKind::Status => "status",
+            InventoryChangeKind::Snapshot => "snapshot",
+            InventoryChangeKind::Delta => "delta",
+            InventoryChangeKind::Status => "status",
         };
         metrics::counter!("drover_inventory_ingests_total", "kind" => kind_label).increment(1);
         metrics::counter!("drover_inventory_vm_changes_total")
@@ -172,16 +172,16 @@ impl Ingest {
     fn publish(
         &self,
         cluster: &str,
-        kind: InventoryEventKind,
+        kind: InventoryChangeKind,
         generation: i64,
         changes: usize,
         at: DateTime<Utc>,
     ) {
         // No subscriber is fine: the event is only news (here and on the other replicas).
-        let event = InventoryEvent {
+        let event = InventoryChange {
             cluster: cluster.to_owned(),
             kind,
-            generation: drover_graphql::schema::Long(generation),
+            generation,
             changes: changes.min(i32::MAX as usize) as i32,
             at,
         };

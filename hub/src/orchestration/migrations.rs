@@ -13,7 +13,7 @@ use drover_shared::migration::{MigrationOptions, MigrationStatus};
 use drover_shared::{ClusterName, MigrationId, Namespace, VmName, VmRef};
 use uuid::Uuid;
 
-use drover_graphql::MigrationEvent;
+use drover_shared::events::MigrationChange;
 use tokio::sync::broadcast;
 
 use crate::agents::commands::{CommandState, CommandStore, StoredCommand};
@@ -29,15 +29,7 @@ use crate::store::{Store, StoreError};
 
 pub use crate::store::migrations::QueuedMigration;
 
-/// What an operator asks for.
-#[derive(Debug, Clone)]
-pub struct MigrateRequest {
-    pub cluster: ClusterName,
-    pub namespace: String,
-    pub name: String,
-    pub target_cluster: ClusterName,
-    pub target_namespace: String,
-}
+pub use drover_shared::migration::MigrateRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -72,14 +64,14 @@ pub struct Migrations {
     /// Wakes the scheduler: something was queued or ended.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Phase changes for `migrationEvents`.
-    events: broadcast::Sender<MigrationEvent>,
+    events: broadcast::Sender<MigrationChange>,
 }
 
 /// Records what agents report of their migrations (progress, the switchover beginning) and
 /// passes it on to `migrationEvents` on every replica.
 pub struct StatusRecorder {
     pub store: Store,
-    pub events: broadcast::Sender<MigrationEvent>,
+    pub events: broadcast::Sender<MigrationChange>,
     pub replicas: crate::replicas::ReplicaBus,
 }
 
@@ -93,26 +85,23 @@ impl crate::agents::sessions::MigrationReports for StatusRecorder {
     }
 }
 
-/// The `migrationEvents` event for `row` now in `phase`.
+/// The change to tell subscribers and the other replicas: `row` is now in `phase`.
 pub fn event_of(
     row: &migration::Model,
     phase: MigrationPhase,
     progress: Option<&drover_shared::migration::MigrationProgress>,
     failure: Option<&str>,
     at: DateTime<Utc>,
-) -> MigrationEvent {
-    let long = |v: u64| drover_graphql::schema::Long(v.min(i64::MAX as u64) as i64);
-    MigrationEvent {
-        migration_id: async_graphql::ID(row.id.to_string()),
-        evacuation_id: row.evacuation_id.map(|e| async_graphql::ID(e.to_string())),
+) -> MigrationChange {
+    MigrationChange {
+        migration_id: row.id,
+        evacuation_id: row.evacuation_id,
         vm_namespace: row.vm_namespace.clone(),
         vm_name: row.vm_name.clone(),
         source_cluster: row.source_cluster_name.clone(),
         target_cluster: row.target_cluster_name.clone(),
-        phase: phase.into(),
-        bytes_total: progress.map(|p| long(p.bytes_total)),
-        bytes_transferred: progress.map(|p| long(p.bytes_transferred)),
-        bytes_remaining: progress.map(|p| long(p.bytes_remaining)),
+        phase,
+        progress: progress.copied(),
         failure_reason: failure.map(str::to_owned),
         at,
     }
@@ -123,7 +112,7 @@ impl Migrations {
         store: Store,
         commands: CommandStore,
         sessions: Sessions,
-        events: broadcast::Sender<MigrationEvent>,
+        events: broadcast::Sender<MigrationChange>,
         leases: crate::store::leases::Leases,
     ) -> Self {
         Self {
@@ -165,7 +154,7 @@ impl Migrations {
     }
 
     /// Tells `migrationEvents` subscribers.
-    pub fn publish(&self, event: MigrationEvent) {
+    pub fn publish(&self, event: MigrationChange) {
         self.commands
             .replicas()
             .tell(crate::replicas::Notice::Migration {
@@ -652,13 +641,19 @@ impl Migrations {
 
     /// completionTimeoutPerGiB x (memory + disks) of the VM.
     async fn completion_limit(&self, row: &migration::Model) -> Result<Duration, StoreError> {
-        let source = self.rows.cluster_named(&row.source_cluster_name).await?;
-        let per_gib = source
-            .and_then(|c| c.migration_config)
-            .map_or(150, |c| c.completion_timeout_per_gib) as u64;
+        // The limit the source's agent was given: the planned options (a policy's, or the
+        // source's defaults when planned), else the source's configuration now.
+        let per_gib = match row.planned_options() {
+            Some(options) => options.completion_timeout_per_gib,
+            None => self
+                .rows
+                .cluster_named(&row.source_cluster_name)
+                .await?
+                .and_then(|c| c.migration_config)
+                .map_or(150, |c| c.completion_timeout_per_gib),
+        };
         let bytes = self.rows.vm_bytes(&row.vm_uid).await?;
-        let gib = (bytes as f64 / (1u64 << 30) as f64).max(1.0);
-        Ok(Duration::from_secs_f64(per_gib as f64 * gib))
+        Ok(drover_shared::migration::completion_timeout(per_gib, bytes))
     }
 
     /// Records the failure and makes sure the target side is removed (the source keeps
@@ -772,7 +767,7 @@ pub fn stored_of(row: &migration::Model) -> Option<Stored> {
 /// Records a status report from an agent: progress (from the source) while the migration runs.
 pub async fn record_status(
     store: &Store,
-    events: &broadcast::Sender<MigrationEvent>,
+    events: &broadcast::Sender<MigrationChange>,
     replicas: &crate::replicas::ReplicaBus,
     from: &ClusterName,
     status: &MigrationStatus,
