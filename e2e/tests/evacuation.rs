@@ -348,5 +348,17 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
                 .join("\n")
         );
     }
+    // Every move ended and nothing waits: no slots gauge still shows the last admission's.
+    eventually(
+        "no cluster's slots gauge stays above 0",
+        Duration::from_secs(15),
+        async || {
+            let exposed = hub.metrics(&http).await;
+            !exposed
+                .lines()
+                .any(|l| l.starts_with("drover_scheduler_slots_in_use{") && !l.ends_with(" 0"))
+        },
+    )
+    .await;
     drop(agents);
 }

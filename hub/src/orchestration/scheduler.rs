@@ -32,6 +32,8 @@ pub struct Scheduler {
     store: Store,
     migrations: Migrations,
     settings: std::sync::Arc<std::sync::RwLock<SchedulerSettings>>,
+    /// Clusters whose slots gauge was ever set: one that holds no slot any more reads 0.
+    reported: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Scheduler {
@@ -40,6 +42,7 @@ impl Scheduler {
             store,
             migrations,
             settings: std::sync::Arc::new(std::sync::RwLock::new(settings)),
+            reported: std::sync::Arc::default(),
         }
     }
 
@@ -104,6 +107,36 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The scheduler's gauges after a round: the slots each cluster's migrations hold (as
+    /// source or target; 0 for a `known` cluster and for one that held some before) and how
+    /// many migrations wait.
+    fn record_slots<'a>(
+        &self,
+        known: impl Iterator<Item = &'a String>,
+        running: &[migration::Model],
+        queued: &[migration::Model],
+        admitted: &[Uuid],
+    ) {
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let mut in_use: HashMap<String, u64> = known.map(|c| (c.clone(), 0)).collect();
+        for c in reported.iter() {
+            in_use.entry(c.clone()).or_default();
+        }
+        let admitted_rows = queued.iter().filter(|r| admitted.contains(&r.id));
+        for row in running.iter().chain(admitted_rows) {
+            for cluster in [&row.source_cluster_name, &row.target_cluster_name] {
+                *in_use.entry(cluster.clone()).or_default() += 1;
+            }
+        }
+        for (cluster, n) in in_use {
+            metrics::gauge!("drover_scheduler_slots_in_use", "cluster" => cluster.clone())
+                .set(n as f64);
+            reported.insert(cluster);
+        }
+        metrics::gauge!("drover_migrations_waiting")
+            .set(queued.len().saturating_sub(admitted.len()) as f64);
+    }
+
     /// Admits what every limit allows; returns the admitted migrations' ids.
     pub async fn admit(&self) -> Result<Vec<Uuid>, StoreError> {
         let admission = MigrationRows::new(self.store.clone())
@@ -125,7 +158,9 @@ impl Scheduler {
             })
             .await?;
         let Some(admission) = admission else {
-            metrics::gauge!("drover_migrations_waiting").set(0.0);
+            // Nothing waits; the gauges still follow the migrations that end.
+            let running = MigrationRows::new(self.store.clone()).in_flight().await?;
+            self.record_slots(std::iter::empty(), &running, &[], &[]);
             return Ok(Vec::new());
         };
         let (queued, running, limits, admitted, now) = (
@@ -135,7 +170,7 @@ impl Scheduler {
             admission.admitted,
             admission.now,
         );
-        record_slots(&limits, &running, &queued, &admitted);
+        self.record_slots(limits.clusters.keys(), &running, &queued, &admitted);
         for id in &admitted {
             if let Some(row) = queued.iter().find(|r| r.id == *id) {
                 metrics::histogram!("drover_admission_wait_seconds").record(
@@ -174,29 +209,6 @@ impl Scheduler {
         }
         Ok(admitted)
     }
-}
-
-/// The scheduler's gauges after an admission: the slots each cluster's migrations hold (as
-/// source or target) and how many migrations still wait.
-fn record_slots(
-    limits: &AdmissionLimits,
-    running: &[migration::Model],
-    queued: &[migration::Model],
-    admitted: &[Uuid],
-) {
-    let mut in_use: HashMap<&str, u64> = limits.clusters.keys().map(|c| (c.as_str(), 0)).collect();
-    let admitted_rows = queued.iter().filter(|r| admitted.contains(&r.id));
-    for row in running.iter().chain(admitted_rows) {
-        for cluster in [&row.source_cluster_name, &row.target_cluster_name] {
-            *in_use.entry(cluster.as_str()).or_default() += 1;
-        }
-    }
-    for (cluster, n) in in_use {
-        metrics::gauge!("drover_scheduler_slots_in_use", "cluster" => cluster.to_owned())
-            .set(n as f64);
-    }
-    metrics::gauge!("drover_migrations_waiting")
-        .set(queued.len().saturating_sub(admitted.len()) as f64);
 }
 
 /// A migration row as admission sees it.

@@ -196,6 +196,17 @@ impl MigrationRows {
         insert_queued(&self.store.db, new, actor, now).await
     }
 
+    /// Every migration in flight (admitted and not ended).
+    pub async fn in_flight(&self) -> Result<Vec<migration::Model>, StoreError> {
+        Ok(migration::Entity::find()
+            .filter(
+                migration::Column::Phase
+                    .is_in(MigrationPhase::IN_FLIGHT.iter().map(|p| p.as_str())),
+            )
+            .all(&self.store.db)
+            .await?)
+    }
+
     /// The migration `id`, if there is one.
     pub async fn find(&self, id: Uuid) -> Result<Option<migration::Model>, StoreError> {
         Ok(migration::Entity::find_by_id(id)
