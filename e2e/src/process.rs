@@ -15,6 +15,10 @@ use crate::testbed::binary;
 /// A running hub process, killed when dropped.
 pub struct HubProcess {
     pub child: Child,
+    /// An admin API token, made with `drover-hub token create` before the hub started.
+    pub token: String,
+    /// Its name (the hub records `token:<name>` as the actor of its requests).
+    pub token_name: String,
     pub base: String,
     /// The agent endpoint, https://ADDR.
     pub agents: String,
@@ -40,6 +44,7 @@ impl HubProcess {
         agent_port: u16,
         extra: &[&str],
     ) -> HubProcess {
+        let (token_name, token) = create_token(data_dir, database_url, "admin").await;
         let mut cmd = Command::new(binary("drover-hub").unwrap());
         cmd.args(extra);
         cmd.arg("--listen")
@@ -92,9 +97,20 @@ impl HubProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         HubProcess {
             child,
+            token,
+            token_name,
             base,
             agents,
         }
+    }
+
+    /// A GraphQL request over HTTP with this hub's admin token.
+    pub async fn post_gql(
+        &self,
+        http: &reqwest::Client,
+        query: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        crate::testbed::post_gql_as(http, &self.url("/graphql"), Some(&self.token), query).await
     }
 
     /// A join token for `cluster`, through the GraphQL mutation an operator would use.
@@ -104,7 +120,7 @@ impl HubProcess {
         cluster: &str,
     ) -> anyhow::Result<String> {
         let query = format!(r#"mutation {{ createJoinToken(cluster: "{cluster}") {{ token }} }}"#);
-        let resp = crate::testbed::post_gql(http, &self.url("/graphql"), &query).await?;
+        let resp = self.post_gql(http, &query).await?;
         resp["data"]["createJoinToken"]["token"]
             .as_str()
             .map(str::to_owned)
@@ -130,6 +146,7 @@ impl HubProcess {
     pub async fn gql(&self, query: &str, variables: serde_json::Value) -> serde_json::Value {
         let resp = reqwest::Client::new()
             .post(self.url("/graphql"))
+            .bearer_auth(&self.token)
             .json(&serde_json::json!({"query": query, "variables": variables}))
             .send()
             .await;
@@ -324,4 +341,38 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let utime: f64 = fields.get(11).context("no utime")?.parse()?;
     let stime: f64 = fields.get(12).context("no stime")?.parse()?;
     Ok((utime + stime) / 100.0)
+}
+
+/// A new API token with `role`, made with `drover-hub token create` on the hub's database (as an
+/// operator would before the hub runs); its name and secret.
+pub async fn create_token(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    role: &str,
+) -> (String, String) {
+    let name = format!("test-{role}-{}", uuid::Uuid::new_v4());
+    let mut cmd = Command::new(binary("drover-hub").unwrap());
+    cmd.args(["token", "create", "--role", role, "--name"])
+        .arg(&name)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("drover-hub token create ends within 120 s")
+        .expect("run drover-hub token create");
+    assert!(
+        out.status.success(),
+        "drover-hub token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        name,
+        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+    )
 }

@@ -18,7 +18,7 @@ pub struct Subscription {
 impl Subscription {
     /// Subscribes to `query` on the hub at `base` (http://ADDR); returns once the hub has
     /// acknowledged the connection and answered a ping after the subscribe.
-    pub async fn start(base: &str, query: &str) -> anyhow::Result<Self> {
+    pub async fn start(base: &str, token: &str, query: &str) -> anyhow::Result<Self> {
         let url = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1));
         let mut req = url.as_str().into_client_request()?;
         req.headers_mut().insert(
@@ -34,7 +34,11 @@ impl Subscription {
         .await
         .context("connecting the subscription timed out")??;
         let send = |v: Value| Message::Text(v.to_string().into());
-        ws.send(send(json!({"type": "connection_init"}))).await?;
+        ws.send(send(json!({
+            "type": "connection_init",
+            "payload": {"authorization": format!("Bearer {token}")}
+        })))
+        .await?;
         ws.send(send(
             json!({"id": "1", "type": "subscribe", "payload": {"query": query}}),
         ))

@@ -22,12 +22,22 @@ pub enum Backend {
 }
 
 /// A hub on its own empty database, removed when dropped.
+/// The caller in-process requests act as: an admin.
+pub fn test_admin() -> drover_graphql::access::Caller {
+    drover_graphql::access::Caller {
+        actor: "test-admin".into(),
+        role: drover_graphql::access::Role::Admin,
+    }
+}
+
 pub struct TestHub {
     pub hub: Hub,
     pub url: String,
     pub pki: std::sync::Arc<drover_hub::agents::pki::Pki>,
     /// The hub's clock: runs with the system's until a test pauses or advances it.
     pub clock: drover_hub::clock::Clock,
+    /// An admin API token for requests over HTTP (in-process requests act as `test-admin`).
+    pub token: String,
     _dir: Option<tempfile::TempDir>,
     _pki_dir: tempfile::TempDir,
 }
@@ -53,12 +63,22 @@ impl TestHub {
             .await
             .with_context(|| format!("open hub on {url}"))?
             .with_clock(clock.clone());
+        let (_, token) = drover_hub::store::tokens::TokenRows::new(store.clone())
+            .create(
+                &format!("test-admin-{}", uuid::Uuid::new_v4()),
+                "admin",
+                None,
+                "test",
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let hub = Hub::with_store(store, pki.clone());
         Ok(Self {
             hub,
             url,
             pki,
             clock,
+            token,
             _dir: dir,
             _pki_dir: pki_dir,
         })
@@ -67,7 +87,8 @@ impl TestHub {
     /// Executes a query in-process (no HTTP) and returns the JSON response.
     pub async fn gql(&self, query: &str, variables: Value) -> Value {
         let req = async_graphql::Request::new(query)
-            .variables(async_graphql::Variables::from_json(variables));
+            .variables(async_graphql::Variables::from_json(variables))
+            .data(test_admin());
         let mut resp = self.hub.schema.execute(req).await;
         drover_graphql::classify_response_errors(&mut resp);
         serde_json::to_value(&resp).expect("response serializes")
@@ -86,13 +107,22 @@ impl TestHub {
 
     /// Serves HTTP on an ephemeral loopback port until the returned guard is dropped.
     pub async fn serve(&self) -> anyhow::Result<Served> {
+        self.serve_router(self.hub.router()).await
+    }
+
+    /// Serves HTTP with authentication off (benchmarks measure what it costs).
+    pub async fn serve_without_authentication(&self) -> anyhow::Result<Served> {
+        self.serve_router(self.hub.router_without_authentication())
+            .await
+    }
+
+    async fn serve_router(&self, router: axum::Router) -> anyhow::Result<Served> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let hub = self.hub.clone();
         let task = tokio::spawn(async move {
-            let _ = hub
-                .serve(listener, async {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
                     let _ = rx.await;
                 })
                 .await;
@@ -190,12 +220,21 @@ pub fn error_message(resp: &Value) -> String {
 
 /// POSTs a GraphQL query over HTTP.
 pub async fn post_gql(client: &reqwest::Client, url: &str, query: &str) -> anyhow::Result<Value> {
-    let resp = client
-        .post(url)
-        .json(&json!({ "query": query }))
-        .send()
-        .await?;
-    Ok(resp.json().await?)
+    post_gql_as(client, url, None, query).await
+}
+
+/// A GraphQL request over HTTP, with `Authorization: Bearer <token>` when a token is given.
+pub async fn post_gql_as(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    query: &str,
+) -> anyhow::Result<Value> {
+    let mut request = client.post(url).json(&json!({ "query": query }));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    Ok(request.send().await?.json().await?)
 }
 
 /// A virtual machine fixture: running, 1 GiB, 1 vCPU, one disk, one NIC with a MAC derived from

@@ -442,7 +442,7 @@ async fn an_evacuation_is_admitted_under_every_limit_and_cancels_cleanly(b: Back
     assert_eq!(rows.iter().filter(|m| m.phase == "Succeeded").count(), 1);
     for m in rows.iter().filter(|m| m.phase != "Succeeded") {
         assert_eq!(m.phase, "Failed", "{m:?}");
-        assert_eq!(m.failure_reason.as_deref(), Some("cancelled by anonymous"));
+        assert_eq!(m.failure_reason.as_deref(), Some("cancelled by test-admin"));
     }
     assert!(
         a.admit().await.unwrap().is_empty(),
@@ -602,7 +602,8 @@ async fn migration_events_follow_an_evacuation(b: Backend) {
     cluster(&h, "east", 1, 3, 1, 64, 2).await;
     cluster(&h, "west", 2, 0, 1, 64, 2).await;
     let mut events = h.hub.schema.execute_stream(
-        "subscription { migrationEvents { migrationId evacuationId vmName phase sourceCluster targetCluster } }",
+        async_graphql::Request::new("subscription { migrationEvents { migrationId evacuationId vmName phase sourceCluster targetCluster } }")
+            .data(test_admin()),
     );
     // The subscription starts listening when first polled.
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), events.next()).await;
@@ -652,7 +653,8 @@ async fn migration_events_follow_an_evacuation(b: Backend) {
     );
     // A filter on another evacuation sees none of it.
     let mut other = h.hub.schema.execute_stream(
-        "subscription { migrationEvents(evacuationId: \"00000000-0000-0000-0000-000000000000\") { phase } }",
+        async_graphql::Request::new("subscription { migrationEvents(evacuationId: \"00000000-0000-0000-0000-000000000000\") { phase } }")
+            .data(test_admin()),
     );
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), other.next()).await;
     assert!(quiet.is_err());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use drover_e2e::postgres::PgCluster;
 use drover_e2e::process::HubProcess;
-use drover_e2e::testbed::{binary, error_code, post_gql};
+use drover_e2e::testbed::{binary, error_code};
 use serde_json::{json, Value};
 
 fn seed(data_dir: &Path, database_url: Option<&str>, clusters: u32, vms: u32) -> String {
@@ -52,7 +52,7 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
     let html = page.text().await.unwrap();
     assert!(html.contains("graphiql"), "GET /graphql serves GraphiQL");
 
-    let d = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    let d = hub.post_gql(&http, FLEET).await.unwrap();
     assert_eq!(d["data"]["fleet"]["clusters"]["total"], 3, "{d}");
     assert_eq!(d["data"]["fleet"]["virtualMachines"]["total"], 12, "{d}");
 
@@ -98,7 +98,7 @@ async fn quick_start_on_embedded_sqlite_serves_graphiql_health_and_metrics() {
     // Seeding again (a newer generation) while the hub serves: the same store, updated.
     let out = seed(dir.path(), None, 5, 2);
     assert!(out.contains("seeded 5 clusters"), "{out}");
-    let d = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    let d = hub.post_gql(&http, FLEET).await.unwrap();
     assert_eq!(d["data"]["fleet"]["clusters"]["total"], 5, "{d}");
 }
 
@@ -211,7 +211,7 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    let before = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    let before = hub.post_gql(&http, FLEET).await.unwrap();
     assert_eq!(
         before["data"]["fleet"]["virtualMachines"]["total"], 6,
         "{before}"
@@ -224,7 +224,7 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
     })
     .await;
     assert_eq!(status, 503);
-    let during = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    let during = hub.post_gql(&http, FLEET).await.unwrap();
     assert_eq!(
         error_code(&during).as_deref(),
         Some("DATABASE_UNAVAILABLE"),
@@ -246,7 +246,7 @@ async fn hub_reports_and_recovers_from_a_postgres_restart() {
         (r.status() == 200).then_some(())
     })
     .await;
-    let after = post_gql(&http, &hub.url("/graphql"), FLEET).await.unwrap();
+    let after = hub.post_gql(&http, FLEET).await.unwrap();
     assert_eq!(after, before, "the same inventory after the restart");
     assert!(
         hub.child.try_wait().unwrap().is_none(),
@@ -383,13 +383,13 @@ fn spawn_session(
 
 /// How many VMs the hub shows for east-1 (None while it cannot say).
 async fn east_vm_count(hub: &HubProcess) -> Option<i64> {
-    let d = post_gql(
-        &reqwest::Client::new(),
-        &hub.url("/graphql"),
-        r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
-    )
-    .await
-    .ok()?;
+    let d = hub
+        .post_gql(
+            &reqwest::Client::new(),
+            r#"{ cluster(name: "east-1") { virtualMachines { totalCount } } }"#,
+        )
+        .await
+        .ok()?;
     d["data"]["cluster"]["virtualMachines"]["totalCount"].as_i64()
 }
 

@@ -1137,7 +1137,9 @@ async fn subscriptions_stream_inventory_changes_over_websocket(b: Backend) {
         }
     };
     ws.send(Message::Text(
-        json!({"type": "connection_init"}).to_string().into(),
+        json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {}", h.token)}})
+            .to_string()
+            .into(),
     ))
     .await
     .unwrap();

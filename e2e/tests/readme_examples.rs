@@ -92,7 +92,8 @@ async fn every_graphql_example_in_the_readme_fits_the_api() {
     for example in &examples {
         let response: Value = if example.starts_with("subscription") {
             // A subscription that validates waits for events; one that does not answers at once.
-            let request = async_graphql::Request::new(example.as_str());
+            let request = async_graphql::Request::new(example.as_str())
+                .data(drover_e2e::testbed::test_admin());
             let mut stream = h.hub.schema.execute_stream(request);
             match tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
                 Ok(Some(first)) => serde_json::to_value(first).unwrap(),

@@ -119,8 +119,8 @@ async fn a_replica_killed_halfway_through_an_evacuation_hands_its_migrations_to_
     // A portal's subscription on each replica, from before anything moves.
     let query = "subscription { migrationEvents { vmName phase } }";
     let subscriptions = [
-        Subscription::start(&a.base, query).await.unwrap(),
-        Subscription::start(&b.base, query).await.unwrap(),
+        Subscription::start(&a.base, &a.token, query).await.unwrap(),
+        Subscription::start(&b.base, &b.token, query).await.unwrap(),
     ];
 
     // Each agent knows both replicas; east-1 (the source) starts on the second, the targets on

@@ -257,4 +257,32 @@ pub trait FleetAdmin: Send + Sync + 'static {
         maintenance: bool,
         actor: &str,
     ) -> Result<(), AdminError>;
+
+    /// Creates an API token with `role`, expiring at `expires_at` if given; returns it with its
+    /// secret (shown once).
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: crate::access::Role,
+        expires_at: Option<DateTime<Utc>>,
+        actor: &str,
+    ) -> Result<(ApiTokenRecord, String), AdminError>;
+
+    /// Revokes the API token `name` (refused from then on); false when there was none to revoke.
+    async fn revoke_api_token(&self, name: &str, actor: &str) -> Result<bool, AdminError>;
+
+    /// Every API token, without its secret.
+    async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, AdminError>;
+}
+
+/// An API token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTokenRecord {
+    pub name: String,
+    pub role: crate::access::Role,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
 }

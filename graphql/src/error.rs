@@ -34,6 +34,10 @@ pub enum ErrorCode {
     PreflightFailed,
     /// A bug or an unexpected failure on the hub; the hub's log has details.
     Internal,
+    /// The request carried no valid credential.
+    Unauthenticated,
+    /// The caller's role does not allow this.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -52,6 +56,8 @@ impl ErrorCode {
             Self::Conflict => "CONFLICT",
             Self::PreflightFailed => "PREFLIGHT_FAILED",
             Self::Internal => "INTERNAL",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
         }
     }
 }

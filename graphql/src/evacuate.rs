@@ -390,6 +390,7 @@ pub struct EvacuationMutation;
 impl EvacuationMutation {
     /// A dry run: where every VM of `cluster` would go, which cannot move and why, the limits
     /// that will apply and the estimated duration. Changes nothing.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn plan_evacuation(
         &self,
         ctx: &Context<'_>,
@@ -407,6 +408,7 @@ impl EvacuationMutation {
     /// PREFLIGHT_FAILED, listing who cannot move and why, unless allowPartial) and queues one
     /// migration per VM; the scheduler runs them under every limit. Follow it with
     /// `evacuation(id)`.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn start_evacuation(
         &self,
         ctx: &Context<'_>,
@@ -414,7 +416,7 @@ impl EvacuationMutation {
     ) -> Result<Evacuation> {
         let ask = evacuation_ask(&input)?;
         let id = admin(ctx)
-            .start_plan(ask, input.allow_partial, "anonymous")
+            .start_plan(ask, input.allow_partial, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         evacuation(ctx, id).await
@@ -423,10 +425,11 @@ impl EvacuationMutation {
     /// Stops an evacuation or rebalance: nothing more is admitted, queued moves are dropped,
     /// and migrations in flight are cancelled safely (the source keeps running; one already
     /// switching over completes).
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn cancel_evacuation(&self, ctx: &Context<'_>, id: ID) -> Result<Evacuation> {
         let id = parse_id("id", &id)?;
         admin(ctx)
-            .cancel_evacuation(id, "anonymous")
+            .cancel_evacuation(id, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         evacuation(ctx, id).await
@@ -434,6 +437,7 @@ impl EvacuationMutation {
 
     /// A dry run of a rebalance: the moves that bring clusters' memory utilisation within the
     /// band (pinned, affinity-grouped and recently moved VMs stay).
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn plan_rebalance(&self, ctx: &Context<'_>, input: RebalanceInput) -> Result<FleetPlan> {
         let ask = rebalance_ask(&input)?;
         Ok(admin(ctx)
@@ -444,6 +448,7 @@ impl EvacuationMutation {
     }
 
     /// Runs a rebalance (planned again now); refused within the hold-down time of the last one.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn start_rebalance(
         &self,
         ctx: &Context<'_>,
@@ -451,7 +456,7 @@ impl EvacuationMutation {
     ) -> Result<Evacuation> {
         let ask = rebalance_ask(&input)?;
         let id = admin(ctx)
-            .start_plan(ask, true, "anonymous")
+            .start_plan(ask, true, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         evacuation(ctx, id).await
@@ -460,6 +465,7 @@ impl EvacuationMutation {
     /// Creates or replaces a migration policy. Among the policies whose selectors all match a
     /// VM, the one matching the most labels applies (ties: the first name); what it leaves
     /// unset comes from the source cluster. Applies to migrations queued from now on.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn set_migration_policy(
         &self,
         ctx: &Context<'_>,
@@ -489,16 +495,17 @@ impl EvacuationMutation {
             allow_post_copy: input.allow_post_copy,
         };
         admin(ctx)
-            .set_migration_policy(policy.clone(), "anonymous")
+            .set_migration_policy(policy.clone(), &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         Ok(policy.into())
     }
 
     /// Deletes a migration policy; true when there was one.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn delete_migration_policy(&self, ctx: &Context<'_>, name: String) -> Result<bool> {
         Ok(admin(ctx)
-            .delete_migration_policy(&name, "anonymous")
+            .delete_migration_policy(&name, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?)
     }

@@ -2,6 +2,7 @@
 //! limits. It has no HTTP and no database in it: it reads the fleet through the [`FleetReader`]
 //! trait the hub implements, and [`build_schema`] is its entry point.
 
+pub mod access;
 pub mod admin;
 pub mod batch;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod migrate;
 pub mod model;
 pub mod reader;
 pub mod schema;
+pub mod tokens;
 
 pub use admin::{
     AdminError, CannotMoveRecord, ClusterLimitsRecord, CommandProgress, CommandRecord,

@@ -211,7 +211,7 @@ async fn run(
     let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
     let record = admin
-        .run_command(&cluster, &key, command, wait, "anonymous")
+        .run_command(&cluster, &key, command, wait, &crate::access::actor(ctx))
         .await
         .map_err(ApiError::from)?;
     Ok(record.into())
@@ -236,6 +236,7 @@ pub struct LifecycleMutation;
 impl LifecycleMutation {
     /// Creates a VM on a cluster (and starts it unless runStrategy is HALTED), through the
     /// cluster's agent. Answers when the agent has, or after waitSeconds with state PENDING.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn create_virtual_machine(
         &self,
         ctx: &Context<'_>,
@@ -249,6 +250,7 @@ impl LifecycleMutation {
     }
 
     /// Starts a stopped VM and keeps it running.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn start_virtual_machine(
         &self,
         ctx: &Context<'_>,
@@ -266,6 +268,7 @@ impl LifecycleMutation {
     /// Shuts a VM down (ACPI power button, then forcibly after gracePeriodSeconds) and keeps it
     /// stopped.
     #[allow(clippy::too_many_arguments)]
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn stop_virtual_machine(
         &self,
         ctx: &Context<'_>,
@@ -294,6 +297,7 @@ impl LifecycleMutation {
     }
 
     /// Stops a VM and deletes it with its disks.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn delete_virtual_machine(
         &self,
         ctx: &Context<'_>,

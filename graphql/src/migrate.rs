@@ -49,6 +49,7 @@ impl MigrationMutation {
     /// apply to one VM (target Ready and not cordoned, same runtime and virtualization minor
     /// version, CPU model, capacity, MACs free, name free), then creates the Migration whose id
     /// both agents share and returns it; follow it with `migration(id)`.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn migrate_virtual_machine(
         &self,
         ctx: &Context<'_>,
@@ -67,7 +68,7 @@ impl MigrationMutation {
         };
         let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
         let id = admin
-            .migrate_virtual_machine(request, "anonymous")
+            .migrate_virtual_machine(request, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         migration(ctx, id).await
@@ -75,13 +76,14 @@ impl MigrationMutation {
 
     /// Cancels a migration before switchover: the source keeps running and everything on the
     /// target (VM, volumes, endpoints) is removed. Refused once the migration has ended.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Migrator)")]
     async fn cancel_migration(&self, ctx: &Context<'_>, id: ID) -> Result<Migration> {
         let id = uuid::Uuid::parse_str(&id).map_err(|_| {
             ApiError::bad_input(format!("id: {:?} is not a migration id", id.as_str()))
         })?;
         let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
         admin
-            .cancel_migration(id, "anonymous")
+            .cancel_migration(id, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         migration(ctx, id).await

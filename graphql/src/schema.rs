@@ -58,7 +58,7 @@ pub fn build_schema(
     events: Arc<dyn crate::events::FleetEvents>,
     limits: SchemaLimits,
 ) -> DroverSchema {
-    Schema::build(Query, Mutation::default(), Subscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(reader)
         .data(admin)
         .data(events)
@@ -70,7 +70,7 @@ pub fn build_schema(
 
 /// The schema's SDL, as checked in at `graphql/schema.graphql`.
 pub fn schema_sdl() -> String {
-    Schema::build(Query, Mutation::default(), Subscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription)
         .finish()
         .sdl()
 }
@@ -306,11 +306,17 @@ fn parse_uuid(what: &str, id: &str) -> Result<Uuid, ApiError> {
 // ---------------------------------------------------------------------------------------------
 // Query root
 
-pub struct Query;
+#[derive(Default)]
+pub struct FleetQuery;
+
+/// Queries: the fleet here, API tokens in `tokens`.
+#[derive(async_graphql::MergedObject, Default)]
+pub struct Query(FleetQuery, crate::tokens::TokenQuery);
 
 #[Object]
-impl Query {
+impl FleetQuery {
     /// Counts and totals for the whole fleet.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn fleet(&self, ctx: &Context<'_>) -> Result<Fleet> {
         let summary = reader(ctx).fleet_summary().await.map_err(ApiError::from)?;
         Ok(Fleet(summary))
@@ -318,6 +324,7 @@ impl Query {
 
     /// Clusters ordered by name.
     #[graphql(
+        guard = "crate::access::RoleGuard(crate::access::Role::Viewer)",
         complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
     )]
     async fn clusters(
@@ -354,6 +361,7 @@ impl Query {
     /// One cluster by name.
     /// Evacuations and rebalances, newest first.
     #[graphql(
+        guard = "crate::access::RoleGuard(crate::access::Role::Viewer)",
         complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
     )]
     async fn evacuations(
@@ -366,6 +374,7 @@ impl Query {
     }
 
     /// One evacuation or rebalance by id, with its counters and estimated finish.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn evacuation(
         &self,
         ctx: &Context<'_>,
@@ -375,6 +384,7 @@ impl Query {
     }
 
     /// Migration policies by name.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn migration_policies(
         &self,
         ctx: &Context<'_>,
@@ -382,6 +392,7 @@ impl Query {
         crate::evacuate::migration_policies(ctx).await
     }
 
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn cluster(&self, ctx: &Context<'_>, name: String) -> Result<Option<Cluster>> {
         let c = cluster_id_by_name(ctx, &name).await?;
         let batch = ClusterBatch::new(reader(ctx).clone(), vec![c.id]);
@@ -390,6 +401,7 @@ impl Query {
 
     /// Virtual machines across the fleet ordered by cluster, namespace, name.
     #[graphql(
+        guard = "crate::access::RoleGuard(crate::access::Role::Viewer)",
         complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
     )]
     async fn virtual_machines(
@@ -430,6 +442,7 @@ impl Query {
     }
 
     /// One virtual machine by cluster, namespace and name.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn virtual_machine(
         &self,
         ctx: &Context<'_>,
@@ -455,6 +468,7 @@ impl Query {
 
     /// Migrations, newest first.
     #[graphql(
+        guard = "crate::access::RoleGuard(crate::access::Role::Viewer)",
         complexity = "first.unwrap_or(DEFAULT_PAGE_SIZE).clamp(0, MAX_PAGE_SIZE) as usize * child_complexity"
     )]
     async fn migrations(
@@ -503,6 +517,7 @@ impl Query {
     }
 
     /// One migration by id (the migrationID both sides share).
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn migration(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Migration>> {
         let id = parse_uuid("id", &id)?;
         let m = reader(ctx)
@@ -523,6 +538,7 @@ impl Query {
 
     /// A hub -> agent command by cluster and idempotency key, to follow one that answered
     /// PENDING (the agent was offline or slow).
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn agent_command(
         &self,
         ctx: &Context<'_>,
@@ -1152,6 +1168,7 @@ pub struct Mutation(
     crate::lifecycle::LifecycleMutation,
     crate::migrate::MigrationMutation,
     crate::evacuate::EvacuationMutation,
+    crate::tokens::TokenMutation,
 );
 
 #[derive(Default)]
@@ -1184,11 +1201,12 @@ impl AdminMutation {
     /// Removes a cluster from the fleet: its agent's certificates are revoked (it can no longer
     /// connect or report), its session ends, and its inventory is forgotten. The virtual
     /// machines themselves are not touched. Refused while migrations to or from it are in flight.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn remove_cluster(&self, ctx: &Context<'_>, name: String) -> Result<ClusterRemoval> {
         let cluster = ClusterName::new(name).map_err(ApiError::from)?;
         let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
         let r = admin
-            .remove_cluster(&cluster, "anonymous")
+            .remove_cluster(&cluster, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         Ok(ClusterRemoval {
@@ -1202,6 +1220,7 @@ impl AdminMutation {
     /// Cordons a cluster for maintenance (true: nothing new is placed on it — no migration,
     /// evacuation or rebalance targets it; what runs there keeps running) or returns it to
     /// service (false). Answers with the cluster as it now is.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn set_cluster_maintenance(
         &self,
         ctx: &Context<'_>,
@@ -1211,7 +1230,7 @@ impl AdminMutation {
         let name = ClusterName::new(cluster.clone()).map_err(ApiError::from)?;
         let admin = ctx.data_unchecked::<Arc<dyn FleetAdmin>>();
         admin
-            .set_cluster_maintenance(&name, maintenance, "anonymous")
+            .set_cluster_maintenance(&name, maintenance, &crate::access::actor(ctx))
             .await
             .map_err(ApiError::from)?;
         let c = cluster_id_by_name(ctx, &cluster).await?;
@@ -1220,6 +1239,7 @@ impl AdminMutation {
     }
 
     /// Creates a one-time, expiring token with which the agent of `cluster` joins the hub.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn create_join_token(
         &self,
         ctx: &Context<'_>,
@@ -1238,7 +1258,7 @@ impl AdminMutation {
             .create_join_token(
                 &cluster,
                 std::time::Duration::from_secs(ttl_seconds as u64),
-                "anonymous",
+                &crate::access::actor(ctx),
             )
             .await
             .map_err(ApiError::from)?;
@@ -1260,6 +1280,7 @@ pub struct Subscription;
 impl Subscription {
     /// Migrations' phase changes and progress as they happen, for one migration, one
     /// evacuation, or all.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn migration_events(
         &self,
         ctx: &Context<'_>,
@@ -1277,6 +1298,7 @@ impl Subscription {
     }
 
     /// Inventory changes as they are committed, for one cluster or for all.
+    #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Viewer)")]
     async fn inventory_events(
         &self,
         ctx: &Context<'_>,

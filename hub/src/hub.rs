@@ -47,6 +47,8 @@ pub struct Hub {
     pub migration_events: broadcast::Sender<MigrationChange>,
     /// What this replica tells the others on one PostgreSQL, and hears from them.
     pub replicas: ReplicaBus,
+    /// Who may call the API (API tokens).
+    pub auth: Arc<crate::api::auth::Authenticator>,
 }
 
 impl Hub {
@@ -143,7 +145,9 @@ impl Hub {
             migrations.clone(),
             crate::config::SchedulerSettings::default(),
         );
+        let auth = Arc::new(crate::api::auth::Authenticator::new(store.clone()));
         let admin = Arc::new(HubAdmin {
+            auth: auth.clone(),
             store: store.clone(),
             identities: identities.clone(),
             sessions: sessions.clone(),
@@ -172,6 +176,7 @@ impl Hub {
             events,
             migration_events,
             replicas,
+            auth,
         }
     }
 
@@ -246,10 +251,21 @@ impl Hub {
     }
 
     pub fn router(&self) -> axum::Router {
+        self.router_with(Some(self.auth.clone()))
+    }
+
+    /// The router with authentication off: every request acts as an admin. Only for
+    /// measuring what authentication costs (the benchmark); a served hub always checks.
+    pub fn router_without_authentication(&self) -> axum::Router {
+        self.router_with(None)
+    }
+
+    fn router_with(&self, auth: Option<Arc<crate::api::auth::Authenticator>>) -> axum::Router {
         server::router(Arc::new(App {
             schema: self.schema.clone(),
             store: self.store.clone(),
             metrics: server::metrics_handle(),
+            auth,
         }))
     }
 

@@ -83,6 +83,35 @@ enum Command {
     Serve,
     /// Load a synthetic fleet through the ingest path, for demos and benchmarks.
     Seed(SeedArgs),
+    /// Manage API tokens directly in the database (no running hub needed: the break-glass way
+    /// to the first admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token and print its secret (shown once).
+    Create {
+        /// A name for the token (who or what uses it), unique.
+        #[arg(long)]
+        name: String,
+        /// viewer (reads), migrator (also moves VMs) or admin (everything).
+        #[arg(long, value_parser = parse_role)]
+        role: drover_graphql::access::Role,
+        /// Days until it expires; without it the token does not expire.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke a token by name.
+    Revoke { name: String },
+    /// List the tokens (never their secrets).
+    List,
+}
+
+fn parse_role(s: &str) -> Result<drover_graphql::access::Role, String> {
+    drover_graphql::access::Role::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a role: use viewer, migrator or admin"))
 }
 
 #[derive(Args, Debug)]
@@ -377,6 +406,84 @@ async fn execute(command: Command, config: HubConfig) -> anyhow::Result<()> {
             };
             api?;
             agent_api?;
+        }
+        Command::Token(command) => {
+            let store = drover_hub::store::Store::open(&config.database_url)
+                .await
+                .context("cannot open the inventory store")?;
+            let tokens = drover_hub::store::tokens::TokenRows::new(store.clone());
+            match command {
+                TokenCommand::Create {
+                    name,
+                    role,
+                    expires_in_days,
+                } => {
+                    let expires_at = expires_in_days
+                        .map(|d| store.clock.now() + chrono::Duration::days(d as i64));
+                    let actor = format!(
+                        "cli:{}",
+                        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                    );
+                    let (record, secret) = tokens
+                        .create(&name, role.as_str(), expires_at, &actor)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    drover_hub::store::clusters::audit(
+                        &store,
+                        &actor,
+                        "createApiToken",
+                        &record.name,
+                        "ok",
+                        serde_json::json!({"role": record.role, "expiresAt": record.expires_at, "via": "drover-hub token create"}),
+                    )
+                    .await
+                    .context("the token was created but the audit log could not be written")?;
+                    eprintln!(
+                        "created token {:?} with role {}{}; it is shown once:",
+                        record.name,
+                        record.role,
+                        record
+                            .expires_at
+                            .map(|at| format!(", expiring {at}"))
+                            .unwrap_or_default()
+                    );
+                    println!("{secret}");
+                }
+                TokenCommand::Revoke { name } => {
+                    let revoked = tokens.revoke(&name).await?;
+                    anyhow::ensure!(
+                        revoked,
+                        "no unrevoked token is named {name:?}; `drover-hub token list` shows them"
+                    );
+                    drover_hub::store::clusters::audit(
+                        &store,
+                        &format!(
+                            "cli:{}",
+                            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                        ),
+                        "revokeApiToken",
+                        &name,
+                        "ok",
+                        serde_json::json!({"via": "drover-hub token revoke"}),
+                    )
+                    .await?;
+                    eprintln!("revoked {name:?} (hubs refuse it within 5 s)");
+                }
+                TokenCommand::List => {
+                    for t in tokens.list().await? {
+                        println!(
+                            "{}\t{}\tcreated {} by {}\texpires {}\t{}",
+                            t.name,
+                            t.role,
+                            t.created_at,
+                            t.created_by,
+                            t.expires_at.map_or("never".into(), |e| e.to_string()),
+                            t.revoked_at
+                                .map_or("active".into(), |r| format!("revoked {r}")),
+                        );
+                    }
+                }
+            }
         }
         Command::Seed(args) => {
             let hub = open(&config).await?;

@@ -90,6 +90,11 @@ struct RunArgs {
     /// qemu runtime: qemu-img.
     #[arg(long, env = "DROVER_QEMU_IMG", default_value = "qemu-img")]
     qemu_img: PathBuf,
+    /// qemu runtime: a directory VM specs may take disk images, kernels and initrds from
+    /// (repeat the flag, or separate with commas). Paths are resolved (`..`, symlinks) and must
+    /// lie inside one of these; without any, VMs may only have blank disks and no boot files.
+    #[arg(long = "image-dir", env = "DROVER_IMAGE_DIRS", value_delimiter = ',')]
+    image_dirs: Vec<PathBuf>,
     /// Where this agent's sync endpoint listens for peer agents (migrations into this cluster).
     #[arg(long, env = "DROVER_SYNC_LISTEN", default_value = "0.0.0.0:9185")]
     sync_listen: std::net::SocketAddr,
@@ -221,6 +226,7 @@ async fn run(common: &Common, args: &RunArgs, hub: &str) -> anyhow::Result<()> {
     let mut options = QemuOptions::new(&common.data_dir);
     options.qemu_binary = args.qemu_binary.clone();
     options.qemu_img = args.qemu_img.clone();
+    options.image_dirs = args.image_dirs.clone();
     options.accel = match args.accel {
         AccelChoice::Auto => Accel::Auto,
         AccelChoice::Kvm => Accel::Kvm,

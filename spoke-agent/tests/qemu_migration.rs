@@ -146,6 +146,7 @@ impl Bed {
         QemuRuntime::open(QemuOptions {
             accel: Accel::Tcg,
             poll_interval: Duration::from_millis(200),
+            image_dirs: vec![guest().to_path_buf()],
             cluster_labels: BTreeMap::new(),
             ..QemuOptions::new(data_dir)
         })

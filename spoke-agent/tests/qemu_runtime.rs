@@ -127,6 +127,7 @@ impl TestBed {
         QemuOptions {
             accel: Accel::Tcg,
             poll_interval: Duration::from_millis(200),
+            image_dirs: vec![guest().to_path_buf()],
             cluster_labels: BTreeMap::from([("site".into(), "lab".into())]),
             ..QemuOptions::new(&self.data_dir)
         }
@@ -588,6 +589,14 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     missing_kernel.boot.as_mut().unwrap().kernel = "/nonexistent/vmlinuz".into();
     let err = runtime.create_vm(missing_kernel).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
+    let mut outside_kernel = counter_vm("third", "02:00:00:aa:bb:09", RunStrategy::Always);
+    outside_kernel.boot.as_mut().unwrap().kernel = "/etc/hostname".into();
+    let err = runtime.create_vm(outside_kernel).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("outside the agent's image directories"),
+        "{err}"
+    );
     let mut relative_kernel = counter_vm("third", "02:00:00:aa:bb:09", RunStrategy::Always);
     relative_kernel.boot.as_mut().unwrap().kernel = "target/guest/vmlinuz".into();
     let err = runtime.create_vm(relative_kernel).await.unwrap_err();

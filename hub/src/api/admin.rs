@@ -27,6 +27,8 @@ use crate::store::fleet::{evacuations_with_migrations, stored_plan};
 use crate::store::{Store, StoreError};
 
 pub struct HubAdmin {
+    /// Forgets cached token lookups when a token is revoked here.
+    pub auth: std::sync::Arc<crate::api::auth::Authenticator>,
     pub store: Store,
     pub identities: Identities,
     pub sessions: Sessions,
@@ -69,6 +71,20 @@ fn command_err(e: CommandError) -> AdminError {
         CommandError::Store(e) => AdminError::Read(store_err(e)),
         e @ CommandError::KeyReused { .. } => AdminError::Conflict(e.to_string()),
         e @ CommandError::BadKey(_) => AdminError::Invalid(e.to_string()),
+    }
+}
+
+/// A stored token as the API lists it (an unknown stored role reads as viewer, the least).
+fn token_record(t: crate::store::tokens::TokenRecord) -> drover_graphql::admin::ApiTokenRecord {
+    drover_graphql::admin::ApiTokenRecord {
+        role: drover_graphql::access::Role::parse(&t.role)
+            .unwrap_or(drover_graphql::access::Role::Viewer),
+        name: t.name,
+        created_by: t.created_by,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        revoked_at: t.revoked_at,
+        last_used_at: t.last_used_at,
     }
 }
 
@@ -535,6 +551,64 @@ impl FleetAdmin for HubAdmin {
         )
         .await;
         result
+    }
+
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: drover_graphql::access::Role,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        actor: &str,
+    ) -> Result<(drover_graphql::admin::ApiTokenRecord, String), AdminError> {
+        use crate::store::tokens::CreateTokenError;
+        let result = crate::store::tokens::TokenRows::new(self.store.clone())
+            .create(name, role.as_str(), expires_at, actor)
+            .await;
+        // The secret never reaches the audit log.
+        let (outcome, details) = match &result {
+            Ok(_) => (
+                "ok",
+                json!({"role": role.as_str(), "expiresAt": expires_at}),
+            ),
+            Err(e) => (
+                "refused",
+                json!({"role": role.as_str(), "error": e.to_string()}),
+            ),
+        };
+        self.audit(actor, "createApiToken", name, outcome, details)
+            .await;
+        match result {
+            Ok((record, secret)) => Ok((token_record(record), secret)),
+            Err(CreateTokenError::NameTaken(n)) => Err(AdminError::Conflict(format!(
+                "a token named {n:?} exists already; pick another name or revoke that one first"
+            ))),
+            Err(CreateTokenError::Store(e)) => Err(AdminError::Read(store_err(e))),
+        }
+    }
+
+    async fn revoke_api_token(&self, name: &str, actor: &str) -> Result<bool, AdminError> {
+        let result = crate::store::tokens::TokenRows::new(self.store.clone())
+            .revoke(name)
+            .await;
+        self.auth.forget();
+        let outcome = match &result {
+            Ok(true) => "ok",
+            Ok(false) => "not-found",
+            Err(_) => "failed",
+        };
+        self.audit(actor, "revokeApiToken", name, outcome, json!({}))
+            .await;
+        result.map_err(|e| AdminError::Read(store_err(e)))
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<drover_graphql::admin::ApiTokenRecord>, AdminError> {
+        Ok(crate::store::tokens::TokenRows::new(self.store.clone())
+            .list()
+            .await
+            .map_err(|e| AdminError::Read(store_err(e)))?
+            .into_iter()
+            .map(token_record)
+            .collect())
     }
 }
 

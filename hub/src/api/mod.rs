@@ -2,6 +2,7 @@
 //! orchestration, and the HTTP server (GraphQL, health, metrics).
 
 pub mod admin;
+pub mod auth;
 pub mod events;
 pub mod reader;
 pub mod server;

@@ -5,13 +5,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::GraphQLSubscription;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Body;
 use axum::extract::State;
+use axum::extract::WebSocketUpgrade;
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use drover_graphql::access::{Caller, Role, Unauthenticated};
 use drover_graphql::{classify_response_errors, DroverSchema, ErrorCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -26,6 +29,28 @@ pub struct App {
     pub schema: DroverSchema,
     pub store: Store,
     pub metrics: PrometheusHandle,
+    /// Who may call the API; `None` turns authentication off (only benchmarks do, to measure
+    /// what it costs).
+    pub auth: Option<Arc<crate::api::auth::Authenticator>>,
+}
+
+impl App {
+    /// The request data a caller's credential gives: the caller, or why there is none (the
+    /// schema's guards refuse every field without a caller, saying why).
+    async fn identify(&self, authorization: Option<&str>) -> async_graphql::Data {
+        let mut data = async_graphql::Data::default();
+        match &self.auth {
+            None => data.insert(Caller {
+                actor: "anonymous (authentication off)".into(),
+                role: Role::Admin,
+            }),
+            Some(auth) => match auth.authenticate(authorization).await {
+                Ok(caller) => data.insert(caller),
+                Err(refused) => data.insert(refused),
+            },
+        }
+        data
+    }
 }
 
 #[derive(Clone)]
@@ -51,11 +76,10 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    let subscriptions = GraphQLSubscription::new(app.schema.clone());
     Router::new()
         .route("/", get(|| async { Redirect::temporary("/graphql") }))
         .route("/graphql", get(graphiql).post(graphql))
-        .route_service("/graphql/ws", subscriptions)
+        .route("/graphql/ws", get(subscriptions))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -80,7 +104,45 @@ fn graphql_error(status: StatusCode, code: ErrorCode, message: String) -> Respon
     (status, Json(body)).into_response()
 }
 
-async fn graphql(State(AppState(app)): State<AppState>, body: Body) -> Response {
+/// Subscriptions over WebSocket (graphql-transport-ws or graphql-ws): the caller authenticates
+/// in `connection_init` with `{"authorization": "Bearer <token>"}`; a connection without a valid
+/// one is closed with the reason.
+async fn subscriptions(
+    State(AppState(app)): State<AppState>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            let schema = app.schema.clone();
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let authorization = ["authorization", "Authorization"]
+                        .iter()
+                        .find_map(|k| payload.get(*k).and_then(|v| v.as_str()));
+                    let data = app.identify(authorization).await;
+                    match data.get(&std::any::TypeId::of::<Unauthenticated>()) {
+                        Some(refused) => {
+                            let why = refused
+                                .downcast_ref::<Unauthenticated>()
+                                .map_or("", |u| u.0.as_str());
+                            Err(async_graphql::Error::new(format!(
+                                "authentication required: {why}; send {{\"authorization\": \"Bearer <token>\"}} in connection_init"
+                            )))
+                        }
+                        None => Ok(data),
+                    }
+                })
+                .serve()
+        })
+}
+
+async fn graphql(
+    State(AppState(app)): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
@@ -115,6 +177,11 @@ async fn graphql(State(AppState(app)): State<AppState>, body: Body) -> Response 
             ),
         );
     }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let mut request = request;
+    request.data = app.identify(authorization).await;
     let mut response = app.schema.execute(request).await;
     classify_response_errors(&mut response);
     let result = if response.errors.is_empty() {

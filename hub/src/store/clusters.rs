@@ -113,3 +113,36 @@ pub async fn audit(
     store.db.execute(sql.build()).await?;
     Ok(())
 }
+
+/// One audit record as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    pub details: serde_json::Value,
+}
+
+/// The audit log, oldest first.
+pub async fn audit_rows(store: &Store) -> Result<Vec<AuditRow>, DbErr> {
+    let mut sql = Sql::new(store.backend());
+    sql.push("SELECT at, actor, action, target, result, details FROM audit_log ORDER BY id");
+    store
+        .db
+        .query_all(sql.build())
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok(AuditRow {
+                at: row.try_get("", "at")?,
+                actor: row.try_get("", "actor")?,
+                action: row.try_get("", "action")?,
+                target: row.try_get("", "target")?,
+                result: row.try_get("", "result")?,
+                details: row.try_get("", "details")?,
+            })
+        })
+        .collect()
+}

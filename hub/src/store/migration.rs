@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0002AgentCommands),
             Box::new(M0003Scheduling),
             Box::new(M0004DriverLeases),
+            Box::new(M0005ApiTokens),
         ]
     }
 }
@@ -585,5 +586,57 @@ impl MigrationTrait for M0004DriverLeases {
         .await?;
         m.drop_table(Table::drop().table(a("migration_leases")).to_owned())
             .await
+    }
+}
+
+/// API tokens: who may call the GraphQL API with which role. The secret is stored as its
+/// SHA-256 only (tokens are 256 random bits, so a fast hash is enough); it is shown once.
+pub struct M0005ApiTokens;
+
+impl MigrationName for M0005ApiTokens {
+    fn name(&self) -> &str {
+        "m0005_api_tokens"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0005ApiTokens {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // M0001 made a placeholder `api_tokens` that nothing ever wrote to: replaced.
+        m.drop_table(Table::drop().table(a("api_tokens")).if_exists().to_owned())
+            .await?;
+        m.create_table(
+            Table::create()
+                .table(a("api_tokens"))
+                .col(uuid(a("id")).primary_key())
+                .col(string_len(a("name"), 200).unique_key())
+                .col(string_len(a("role"), 20))
+                .col(string_len(a("secret_sha256"), 64).unique_key())
+                .col(string_len(a("created_by"), 300))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone_null(a("expires_at")))
+                .col(timestamp_with_time_zone_null(a("revoked_at")))
+                .col(timestamp_with_time_zone_null(a("last_used_at")))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(a("api_tokens")).to_owned())
+            .await?;
+        // Back to M0001's placeholder.
+        m.create_table(
+            Table::create()
+                .table(a("api_tokens"))
+                .col(pk_uuid(a("id")))
+                .col(string_len(a("name"), 253))
+                .col(string_len_uniq(a("token_hash"), 128))
+                .col(string_len(a("role"), 16))
+                .col(timestamp_with_time_zone(a("created_at")))
+                .col(timestamp_with_time_zone_null(a("revoked_at")))
+                .to_owned(),
+        )
+        .await
     }
 }

@@ -15,6 +15,7 @@ pub mod migrations;
 pub mod notify;
 pub mod policies;
 pub mod sql;
+pub mod tokens;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

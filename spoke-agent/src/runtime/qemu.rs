@@ -20,12 +20,16 @@
 //!   agent restart nor a signal to the agent's process group reaches them. A VM runs if its
 //!   pidfile names a live process whose command line carries that VM's pidfile path.
 //! - Every network maps to QEMU user networking for now (`process::qemu_args`).
+//! - Disk images, kernels and initrds are read only from the agent's image directories
+//!   (`image_dirs`), checked when a VM is created or prepared as a migration receiver and
+//!   again at every start; QEMU and qemu-img get the checked canonical paths.
 //! - The monitor only ever *starts* VMs (run strategy Always); it never stops one. A VM found
 //!   running against its Halted declaration keeps running until someone stops it.
 //! - The inventory is published under one lock together with its change events, so a
 //!   subscriber that takes a snapshot after subscribing misses nothing.
 
 mod host;
+mod image_dirs;
 mod layout;
 mod migration;
 mod process;
@@ -99,6 +103,9 @@ pub struct QemuOptions {
     pub sync_endpoint: Option<String>,
     /// The limits migrations from this cluster run under (reported to the hub).
     pub migration_config: MigrationConfig,
+    /// The only directories disk images, kernels and initrds of VM specs are read from (after
+    /// resolving `..` and symlinks); empty: VMs may only have blank disks and no boot files.
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl QemuOptions {
@@ -113,6 +120,7 @@ impl QemuOptions {
             cluster_labels: BTreeMap::new(),
             sync_endpoint: None,
             migration_config: MigrationConfig::default(),
+            image_dirs: Vec::new(),
         }
     }
 }
@@ -261,6 +269,11 @@ impl QemuRuntime {
         if let Some(problem) = &qemu_problem {
             tracing::error!(%problem, "QEMU is not usable; VMs cannot start");
         }
+        for dir in &options.image_dirs {
+            if !dir.is_dir() {
+                tracing::warn!(image_dir = %dir.display(), "the image directory does not exist (or is no directory); it allows no file until it is created");
+            }
+        }
         let cluster = ClusterInfo {
             runtime: RuntimeKind::Qemu,
             platform_version: host.kernel_release.clone(),
@@ -313,6 +326,7 @@ impl QemuRuntime {
             data_dir = %runtime.options.data_dir.display(),
             accel = runtime.accel.as_qemu_arg(),
             node = %runtime.host.node_name,
+            image_dirs = ?runtime.options.image_dirs,
             "QEMU runtime opening"
         );
         runtime.reconcile_all().await;
@@ -331,7 +345,7 @@ impl QemuRuntime {
     #[tracing::instrument(skip_all, fields(vm = %format_args!("{}/{}", spec.namespace, spec.name)))]
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<String, RuntimeError> {
         spec.validate().map_err(RuntimeError::InvalidSpec)?;
-        check_runnable_here(&spec)?;
+        check_runnable_here(&spec, &self.options.image_dirs)?;
         for interface in &mut spec.interfaces {
             interface.mac = normalize_mac(&interface.mac).map_err(RuntimeError::InvalidSpec)?;
         }
@@ -544,9 +558,53 @@ impl QemuRuntime {
         };
         std::fs::create_dir_all(&dir.path).map_err(io_error("cannot create", &dir.path))?;
         let uid = layout::ensure_uid(dir).map_err(io_error("cannot write", &dir.uid_file()))?;
-        self.prepare_disks(key, dir, spec).await?;
+        let resolved = self.resolve_host_files(key, dir, spec)?;
+        self.prepare_disks(key, dir, &resolved).await?;
         layout::write_spec(dir, spec).map_err(io_error("cannot write", &dir.spec_file()))?;
         Ok(uid)
+    }
+
+    /// `spec` with the host files this start reads (the kernel, the initrd and the images of
+    /// disks not created yet) checked against the image directories again and named by their
+    /// canonical paths, so that QEMU and qemu-img read exactly the files that were allowed.
+    /// The declaration keeps the paths as given.
+    fn resolve_host_files(
+        &self,
+        key: &VmKey,
+        dir: &VmDir,
+        spec: &VmSpec,
+    ) -> Result<VmSpec, RuntimeError> {
+        let allowed = &self.options.image_dirs;
+        let mut problems = Vec::new();
+        let mut resolve = |what: String, file: &mut String| match image_dirs::allowed_host_file(
+            &what, file, allowed,
+        ) {
+            Ok(path) => *file = path.to_string_lossy().into_owned(),
+            Err(problem) => problems.push(problem),
+        };
+        let mut resolved = spec.clone();
+        for disk in &mut resolved.disks {
+            if dir.disk(&disk.name).exists() {
+                continue;
+            }
+            if let Some(image) = &mut disk.image {
+                resolve(format!("disk {:?}: image", disk.name), image);
+            }
+        }
+        if let Some(boot) = &mut resolved.boot {
+            resolve("kernel".into(), &mut boot.kernel);
+            if let Some(initrd) = &mut boot.initrd {
+                resolve("initrd".into(), initrd);
+            }
+        }
+        if problems.is_empty() {
+            Ok(resolved)
+        } else {
+            Err(RuntimeError::InvalidSpec(format!(
+                "virtual machine {key}: {}",
+                problems.join("; ")
+            )))
+        }
     }
 
     async fn prepare_disks(
@@ -624,8 +682,15 @@ impl QemuRuntime {
                 vm.phase = VmPhase::Starting;
             }
         });
-        let launched = match self.prepare_disks(key, dir, spec).await {
-            Ok(()) => process::launch(&self.options.qemu_binary, dir, spec, self.accel)
+        let prepared = match self.resolve_host_files(key, dir, spec) {
+            Ok(resolved) => self
+                .prepare_disks(key, dir, &resolved)
+                .await
+                .map(|()| resolved),
+            Err(e) => Err(e),
+        };
+        let launched = match prepared {
+            Ok(resolved) => process::launch(&self.options.qemu_binary, dir, &resolved, self.accel)
                 .await
                 .map_err(|detail| RuntimeError::StartFailed {
                     vm: key.to_string(),
@@ -968,16 +1033,14 @@ impl crate::session::InventorySource for QemuRuntime {
     }
 }
 
-/// Checks what `VmSpec::validate` cannot: limits of QEMU's names and files on this host.
-fn check_runnable_here(spec: &VmSpec) -> Result<(), RuntimeError> {
+/// Checks what `VmSpec::validate` cannot: limits of QEMU's names, and that the host files the
+/// spec names are files inside the agent's image directories (`allowed_dirs`).
+fn check_runnable_here(spec: &VmSpec, allowed_dirs: &[PathBuf]) -> Result<(), RuntimeError> {
     let vm = format!("{}/{}", spec.namespace, spec.name);
     let mut problems = Vec::new();
-    // QEMU changes to / when it daemonizes; host files are named absolutely.
     let check_file = |problems: &mut Vec<String>, what: String, file: &str| {
-        if !Path::new(file).is_absolute() {
-            problems.push(format!("{what} {file} must be an absolute path"));
-        } else if !Path::new(file).is_file() {
-            problems.push(format!("{what} {file} is not a file on this agent's host"));
+        if let Err(problem) = image_dirs::allowed_host_file(&what, file, allowed_dirs) {
+            problems.push(problem);
         }
     };
     for disk in &spec.disks {

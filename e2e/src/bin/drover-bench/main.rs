@@ -479,9 +479,11 @@ async fn inventory(
         let http = http.clone();
         let url = url.clone();
         let query = query.clone();
+        let token = h.token.clone();
         async move {
             let body = http
                 .post(url)
+                .bearer_auth(token)
                 .json(&json!({"query": query}))
                 .send()
                 .await?
@@ -530,6 +532,7 @@ async fn inventory(
         let before = h.hub.store.statements.get();
         let resp: Value = http
             .post(&url)
+            .bearer_auth(&h.token)
             .json(&json!({"query": q}))
             .send()
             .await?
@@ -553,6 +556,68 @@ async fn inventory(
             h.hub.store.statements.get() - before
         );
     }
+    // What authentication and authorization cost: the same requests with an API token against
+    // the hub as served, and with authentication off, alternating rounds so both see the same
+    // machine.
+    let open = h.serve_without_authentication().await?;
+    let open_url = open.url("/graphql");
+    println!("\nauthentication cost (API token vs. authentication off, {iterations} requests each, alternating rounds):");
+    for (what, query) in [
+        (
+            "trivial query",
+            "{ fleet { clusters { total } } }".to_owned(),
+        ),
+        ("fleet page", fleet_page(100)),
+    ] {
+        let mut with_token = Vec::new();
+        let mut without = Vec::new();
+        for _round in 0..3 {
+            for (url, token, into) in [
+                (&url, Some(h.token.clone()), &mut with_token),
+                (&open_url, None, &mut without),
+            ] {
+                let (latency, _) = timed(iterations, || {
+                    let (http, url, query, token) =
+                        (http.clone(), url.clone(), query.clone(), token.clone());
+                    async move {
+                        let mut request = http.post(url).json(&json!({"query": query}));
+                        if let Some(token) = token {
+                            request = request.bearer_auth(token);
+                        }
+                        let body = request.send().await?.bytes().await?;
+                        anyhow::ensure!(
+                            !body.windows(7).any(|w| w == b"\"errors"),
+                            "request failed: {}",
+                            String::from_utf8_lossy(&body[..body.len().min(300)])
+                        );
+                        Ok(body.len())
+                    }
+                })
+                .await?;
+                into.push(latency);
+            }
+        }
+        let median = |v: &[Latency], f: fn(&Latency) -> Duration| {
+            let mut x: Vec<Duration> = v.iter().map(f).collect();
+            x.sort();
+            x[x.len() / 2]
+        };
+        let (on50, on99) = (
+            median(&with_token, |l| l.p50),
+            median(&with_token, |l| l.p99),
+        );
+        let (off50, off99) = (median(&without, |l| l.p50), median(&without, |l| l.p99));
+        println!(
+            "  {what:<14} token: p50 {} p99 {}   off: p50 {} p99 {}   ratio p50 {:.3}x p99 {:.3}x  (goal <= 1.05x)",
+            ms(on50),
+            ms(on99),
+            ms(off50),
+            ms(off99),
+            on50.as_secs_f64() / off50.as_secs_f64(),
+            on99.as_secs_f64() / off99.as_secs_f64()
+        );
+    }
+    drop(open);
     drop(served);
 
     println!("\ninventory ingest (VM deltas, each delta one transaction):");

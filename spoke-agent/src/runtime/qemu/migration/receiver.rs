@@ -42,7 +42,7 @@ impl QemuRuntime {
             disk.image = None;
         }
         spec.validate().map_err(RuntimeError::InvalidSpec)?;
-        check_runnable_here(&spec)?;
+        check_runnable_here(&spec, &self.options.image_dirs)?;
         for interface in &mut spec.interfaces {
             interface.mac = normalize_mac(&interface.mac).map_err(RuntimeError::InvalidSpec)?;
         }
@@ -165,14 +165,16 @@ impl QemuRuntime {
             tracked.phase = VmPhase::Starting;
             state.tracked.insert(key.clone(), tracked);
         });
-        self.prepare_disks(key, dir, spec).await?;
+        // Its kernel and initrd are read from this agent's image directories.
+        let resolved = self.resolve_host_files(key, dir, spec)?;
+        self.prepare_disks(key, dir, &resolved).await?;
         for socket in [&endpoints.nbd_socket, &endpoints.migration_socket] {
             remove_stale(socket).map_err(io_error("cannot remove stale", socket.clone()))?;
         }
         let pid = process::launch_with(
             &self.options.qemu_binary,
             dir,
-            spec,
+            &resolved,
             self.accel,
             &["-incoming", "defer", "-S"],
         )
