@@ -166,12 +166,14 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts an agent on `data_dir` reporting to the hub's agent endpoint `hub`, with the
-    /// QEMU runtime under TCG; `join` is (cluster, token) for a first start.
+    /// QEMU runtime under TCG, taking images, kernels and initrds from the test guest's
+    /// directory (`target/guest`); `join` is (cluster, token) for a first start.
     pub async fn start(data_dir: &Path, hub: &str, join: Option<(&str, &str)>) -> AgentProcess {
         Self::start_with_args(data_dir, hub, join, &[]).await
     }
 
-    /// Starts an agent with extra command-line arguments (e.g. migration limits).
+    /// Starts an agent with extra command-line arguments (e.g. migration limits). Unless they
+    /// name an `--image-dir`, the test guest's directory is the agent's image directory.
     pub async fn start_with_args(
         data_dir: &Path,
         hub: &str,
@@ -183,6 +185,9 @@ impl AgentProcess {
         if !extra.contains(&"--sync-listen") {
             cmd.args(["--sync-listen", "127.0.0.1:0"]);
         }
+        if !extra.contains(&"--image-dir") {
+            cmd.arg("--image-dir").arg(crate::testbed::test_guest_dir());
+        }
         cmd.arg("--hub")
             .arg(hub)
             .arg("--data-dir")
@@ -193,7 +198,12 @@ impl AgentProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        for var in ["DROVER_HUB", "DROVER_CLUSTER", "DROVER_JOIN_TOKEN"] {
+        for var in [
+            "DROVER_HUB",
+            "DROVER_CLUSTER",
+            "DROVER_JOIN_TOKEN",
+            "DROVER_IMAGE_DIRS",
+        ] {
             cmd.env_remove(var);
         }
         if let Some((cluster, token)) = join {

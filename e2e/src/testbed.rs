@@ -320,13 +320,11 @@ pub fn snapshot(
     }
 }
 
-/// Where cargo put this workspace's binaries: beside the running executable (a binary such as
-/// drover-bench) or one level up (a test executable in `deps/`).
 /// Builds the demo/test guest once (scripts/build-guest.sh skips work already done) and returns
 /// its directory, holding `vmlinuz` and `initramfs.gz`.
 pub fn test_guest() -> PathBuf {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = workspace.join("target/guest");
+    let out = test_guest_dir();
     let status = std::process::Command::new("bash")
         .arg(workspace.join("scripts/build-guest.sh"))
         .arg(&out)
@@ -336,6 +334,14 @@ pub fn test_guest() -> PathBuf {
     out
 }
 
+/// Where `test_guest` builds the test guest (`target/guest` of the workspace), built or not:
+/// the image directory test agents are given.
+pub fn test_guest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
+}
+
+/// Where cargo put this workspace's binaries: beside the running executable (a binary such as
+/// drover-bench) or one level up (a test executable in `deps/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no parent directory")?;

@@ -548,16 +548,28 @@ impl DroverPair {
         let http = reqwest::Client::new();
         let east_token = hub.create_join_token(&http, CLUSTERS[0]).await?;
         let west_token = hub.create_join_token(&http, CLUSTERS[1]).await?;
-        let east = AgentProcess::start(
+        // The guest's disk image lies in `work`, its kernel and initrd in the test guest's dir.
+        let guest_dir = drover_e2e::testbed::test_guest_dir();
+        let image_dirs = [
+            "--image-dir",
+            guest_dir
+                .to_str()
+                .context("the guest directory is not UTF-8")?,
+            "--image-dir",
+            work.to_str().context("the work directory is not UTF-8")?,
+        ];
+        let east = AgentProcess::start_with_args(
             dirs[1].path(),
             &hub.agents,
             Some((CLUSTERS[0], &east_token)),
+            &image_dirs,
         )
         .await;
-        let west = AgentProcess::start(
+        let west = AgentProcess::start_with_args(
             dirs[2].path(),
             &hub.agents,
             Some((CLUSTERS[1], &west_token)),
+            &image_dirs,
         )
         .await;
         let agent_pids = [
