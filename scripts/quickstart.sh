@@ -173,10 +173,10 @@ JSON
     token=$(sed -n 's/.*"token":"\([^"]*\)".*/\1/p' <<<"$answer")
     [ -n "$token" ] || die "the hub gave no join token for $name: $answer"
     DROVER_CLUSTER=$name DROVER_JOIN_TOKEN=$token \
-      "$agent" --hub "$hub_url" --data-dir "$dir" --runtime qemu --sync-listen "127.0.0.1:$port" &
+      "$agent" --hub "$hub_url" --data-dir "$dir" --runtime qemu --image-dir "$guest" --sync-listen "127.0.0.1:$port" &
     unset token
   else
-    "$agent" --hub "$hub_url" --data-dir "$dir" --runtime qemu --sync-listen "127.0.0.1:$port" &
+    "$agent" --hub "$hub_url" --data-dir "$dir" --runtime qemu --image-dir "$guest" --sync-listen "127.0.0.1:$port" &
   fi
   pids+=($!)
 done
