@@ -101,10 +101,18 @@ fn install(default_filter: &str, export: Option<TraceExport>) -> Result<Telemetr
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    // Logs go to stderr: stdout is the program's output (an address, a token's secret).
     let logs = if json {
-        fmt::layer().json().with_filter(filter).boxed()
+        fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     } else {
-        fmt::layer().with_filter(filter).boxed()
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     };
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
