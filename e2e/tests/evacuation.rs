@@ -208,6 +208,45 @@ async fn a_cluster_is_evacuated_under_its_limits_across_a_database_outage_and_a_
     tokio::time::sleep(Duration::from_secs(8)).await;
     pg.start().await.unwrap();
     let back = std::time::Instant::now();
+    // Recovery, read from the hub's /metrics every 100 ms: the first scheduling round that
+    // succeeds, every driver resumed (none waits for the database), the first admission.
+    let counter = |metrics: &str, name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let at_back = hub.metrics(&http).await;
+    let (rounds_before, admitted_before) = (
+        counter(&at_back, "drover_scheduler_rounds_total"),
+        counter(&at_back, "drover_admission_wait_seconds_count"),
+    );
+    let (mut first_round, mut drivers_resumed, mut first_admission) = (None, None, None);
+    while back.elapsed() < Duration::from_secs(30)
+        && (first_round.is_none() || drivers_resumed.is_none() || first_admission.is_none())
+    {
+        let m = hub.metrics(&http).await;
+        let now = back.elapsed().as_secs_f64();
+        if first_round.is_none() && counter(&m, "drover_scheduler_rounds_total") > rounds_before {
+            first_round = Some(now);
+        }
+        if drivers_resumed.is_none()
+            && counter(&m, "drover_migration_driver_retries_total") > 0.0
+            && counter(&m, "drover_migration_drivers_waiting") == 0.0
+        {
+            drivers_resumed = Some(now);
+        }
+        if first_admission.is_none()
+            && counter(&m, "drover_admission_wait_seconds_count") > admitted_before
+        {
+            first_admission = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "recovery after the database came back: first scheduling round {first_round:?} s, every driver resumed {drivers_resumed:?} s, first admission {first_admission:?} s"
+    );
     eventually(
         "moves completing after the database came back",
         Duration::from_secs(600),

@@ -107,6 +107,30 @@ pub fn event_of(
     }
 }
 
+/// A driver counted in `drover_migration_drivers_waiting` while it waits for the database
+/// (uncounted again when it resumes, ends or is stopped).
+struct WaitingForDatabase(bool);
+
+impl WaitingForDatabase {
+    fn set(&mut self, waiting: bool) {
+        if waiting != self.0 {
+            let gauge = metrics::gauge!("drover_migration_drivers_waiting");
+            if waiting {
+                gauge.increment(1.0);
+            } else {
+                gauge.decrement(1.0);
+            }
+            self.0 = waiting;
+        }
+    }
+}
+
+impl Drop for WaitingForDatabase {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 impl Migrations {
     pub fn new(
         store: Store,
@@ -374,7 +398,21 @@ impl Migrations {
     async fn drive_until_settled(&self, id: Uuid) {
         let cap = Duration::from_secs(10);
         let mut delays = crate::retry::driver_delays();
+        // While a driver waits for the database, `drover_migration_drivers_waiting` counts it;
+        // it resumes when the database answers it again (operators and the recovery benchmark
+        // watch the gauge fall back to 0).
+        let mut failing = WaitingForDatabase(false);
         loop {
+            if failing.0 {
+                if let Err(e) = self.row(id).await {
+                    let wait = crate::retry::next(&mut delays, cap);
+                    tracing::debug!(migration = %id, error = %e, retry_in = ?wait, "migration driver: the database is still away");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                failing.set(false);
+                tracing::info!(migration = %id, "migration driver resumed: the database answers again");
+            }
             match self.drive(id).await {
                 Ok(()) => return,
                 Err(e) if crate::store::migrations::gone_or_unreadable(&e) => {
@@ -385,6 +423,7 @@ impl Migrations {
                     let wait = crate::retry::next(&mut delays, cap);
                     metrics::counter!("drover_migration_driver_retries_total").increment(1);
                     tracing::warn!(migration = %id, error = %e, retry_in = ?wait, "migration driver: a step failed; retrying from the stored row");
+                    failing.set(true);
                     tokio::time::sleep(wait).await;
                 }
             }
