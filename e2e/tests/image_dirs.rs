@@ -138,4 +138,24 @@ async fn images_outside_the_image_dirs_are_refused_and_leave_nothing_behind() {
         !vm_dir("key-image").exists() && !vm_dir("symlinked-key").exists(),
         "refused VMs stay absent"
     );
+
+    // An image inside whose backing file is outside (the agent's key): qemu-img would read the
+    // key through it, so it is refused, saying so.
+    let backed = images.path().join("backed.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&agent_key)
+        .arg(&backed)
+        .arg("1M")
+        .status()
+        .expect("run qemu-img");
+    assert!(status.success());
+    let (state, message) = create(&hub, "backed-by-key", &backed, None).await;
+    assert_eq!(state, "FAILED", "{message}");
+    assert!(
+        message.contains("backing file") && message.contains("flatten"),
+        "{message}"
+    );
+    let copied = vm_dir("backed-by-key").join("disk-root.qcow2");
+    assert!(!copied.exists(), "nothing of the key was copied");
 }

@@ -286,18 +286,40 @@ pub(crate) async fn prepare_disks(
                 .await
             }
             Some(image) => {
-                let copied = run_qemu_img(
+                // The image is inside an allowed directory; what it refers to must not lead
+                // out of it (a backing file, an external data file), and its format is given
+                // to qemu-img rather than probed.
+                let inspected = qemu_img_output(
                     qemu_img,
                     &[
-                        "convert".into(),
-                        "-O".into(),
-                        "qcow2".into(),
+                        "info".into(),
+                        "-U".into(),
+                        "--output=json".into(),
                         image.into(),
-                        tmp.clone().into(),
                     ],
-                    DISK_COPY_TIMEOUT,
+                    DISK_CREATE_TIMEOUT,
                 )
-                .await;
+                .await
+                .and_then(|json| self_contained_format(&json, image));
+                let copied = match inspected {
+                    Err(e) => Err(e),
+                    Ok(format) => {
+                        run_qemu_img(
+                            qemu_img,
+                            &[
+                                "convert".into(),
+                                "-f".into(),
+                                format.into(),
+                                "-O".into(),
+                                "qcow2".into(),
+                                image.into(),
+                                tmp.clone().into(),
+                            ],
+                            DISK_COPY_TIMEOUT,
+                        )
+                        .await
+                    }
+                };
                 match copied {
                     Ok(()) => run_qemu_img(
                         qemu_img,
@@ -331,6 +353,67 @@ pub(crate) async fn prepare_disks(
     Ok(())
 }
 
+/// The format of an image that stands alone: raw, or qcow2 without a backing file or an
+/// external data file (either could name any file on the host, which `qemu-img convert` would
+/// then read). Anything else is refused with what to do.
+pub(crate) fn self_contained_format(info_json: &str, image: &str) -> Result<&'static str, String> {
+    let info: serde_json::Value = serde_json::from_str(info_json)
+        .map_err(|e| format!("cannot read qemu-img info of {image}: {e}"))?;
+    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(format!(
+            "image {image} has a backing file ({backing}); images must stand alone: flatten it first (qemu-img convert -O qcow2 {image} flat.qcow2)"
+        ));
+    }
+    if let Some(data_file) = info
+        .pointer("/format-specific/data/data-file")
+        .and_then(|d| d.as_str())
+    {
+        return Err(format!(
+            "image {image} keeps its data in an external file ({data_file}); images must stand alone: convert it first (qemu-img convert -O qcow2 {image} flat.qcow2)"
+        ));
+    }
+    match info.get("format").and_then(|f| f.as_str()) {
+        Some("raw") => Ok("raw"),
+        Some("qcow2") => Ok("qcow2"),
+        other => Err(format!(
+            "image {image} is in format {}; give a raw or qcow2 image (qemu-img convert -O qcow2 {image} image.qcow2)",
+            other.unwrap_or("unknown")
+        )),
+    }
+}
+
+/// Runs qemu-img and returns what it printed.
+async fn qemu_img_output(
+    qemu_img: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<String, String> {
+    let run = tokio::process::Command::new(qemu_img)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(timeout, run).await {
+        Err(_) => return Err(format!("qemu-img did not finish within {timeout:?}")),
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot run {}: {e}; install qemu-img (Debian: qemu-utils) or configure its path",
+                qemu_img.display()
+            ))
+        }
+        Ok(Ok(output)) => output,
+    };
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "qemu-img exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 async fn run_qemu_img(qemu_img: &Path, args: &[OsString], timeout: Duration) -> Result<(), String> {
     let run = tokio::process::Command::new(qemu_img)
         .args(args)
@@ -361,6 +444,31 @@ async fn run_qemu_img(qemu_img: &Path, args: &[OsString], timeout: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_images_that_stand_alone_are_copied() {
+        let ok = |json: &str| self_contained_format(json, "/img/a");
+        assert_eq!(ok(r#"{"format": "raw", "virtual-size": 1}"#), Ok("raw"));
+        assert_eq!(
+            ok(
+                r#"{"format": "qcow2", "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}"#
+            ),
+            Ok("qcow2")
+        );
+        let backed = ok(r#"{"format": "qcow2", "backing-filename": "/root/secret"}"#).unwrap_err();
+        assert!(
+            backed.contains("backing file (/root/secret)") && backed.contains("flatten"),
+            "{backed}"
+        );
+        let data = ok(r#"{"format": "qcow2", "format-specific": {"type": "qcow2", "data": {"data-file": "/etc/shadow"}}}"#).unwrap_err();
+        assert!(data.contains("external file (/etc/shadow)"), "{data}");
+        let vmdk = ok(r#"{"format": "vmdk"}"#).unwrap_err();
+        assert!(
+            vmdk.contains("format vmdk") && vmdk.contains("raw or qcow2"),
+            "{vmdk}"
+        );
+        assert!(ok("not json").is_err());
+    }
     use drover_shared::commands::{BootSpec, DiskSpec};
     use drover_shared::inventory::{Interface, RunStrategy};
 
