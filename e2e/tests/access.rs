@@ -377,3 +377,83 @@ async fn api_tokens_authenticate_over_http_until_revoked_or_expired() {
     );
     let _ = test_admin();
 }
+
+/// Cross-site requests are refused: a form or text/plain POST (what any web page may send to
+/// any site without asking), a POST or a WebSocket from another web origin; the hub's own
+/// GraphiQL origin and an --allowed-origin pass. An oversized WebSocket message is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_requests_are_refused() {
+    use futures::SinkExt as _;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let mut h = TestHub::new(Backend::Sqlite, "access_origin")
+        .await
+        .unwrap();
+    h.hub.allowed_origins = vec!["https://console.example.com".into()];
+    let served = h.serve().await.unwrap();
+    let http = reqwest::Client::new();
+    let url = served.url("/graphql");
+    let body = r#"{"query": "{ fleet { clusters { total } } }"}"#;
+    let post = async |content_type: &str, origin: Option<&str>| {
+        let mut request = http
+            .post(&url)
+            .bearer_auth(&h.token)
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let (status, text) = post("text/plain", None).await;
+    assert_eq!(status, 415, "{text}");
+    assert!(text.contains("application/json"), "{text}");
+    let (status, _) = post("application/x-www-form-urlencoded", None).await;
+    assert_eq!(status, 415);
+    let (status, text) = post("application/json", Some("https://evil.example")).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("--allowed-origin"), "{text}");
+    let own = format!("http://{}", served.addr);
+    for origin in [
+        None,
+        Some(own.as_str()),
+        Some("https://console.example.com"),
+    ] {
+        let (status, text) = post("application/json; charset=utf-8", origin).await;
+        assert_eq!(status, 200, "{origin:?}: {text}");
+        assert!(!text.contains("errors"), "{origin:?}: {text}");
+    }
+
+    let ws = |origin: &'static str| {
+        let mut req = format!("ws://{}/graphql/ws", served.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    let refused = ws("https://evil.example").await;
+    assert!(
+        refused.is_err(),
+        "a WebSocket from another origin is refused"
+    );
+    let (mut socket, _) = ws("https://console.example.com").await.unwrap();
+    // A message larger than a POST body may be is refused: the connection ends.
+    let huge = json!({"type": "connection_init", "payload": {"pad": "x".repeat(300 * 1024)}});
+    let _ = socket.send(Message::Text(huge.to_string().into())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(Message::Text(t))) if t.contains("connection_ack") => return false,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the hub answers within 10 s");
+    assert!(ended, "an oversized message closes the connection");
+}

@@ -26,6 +26,8 @@ pub struct HubConfig {
     pub replica: ReplicaSettings,
     /// The HTTP API's address.
     pub listen: SocketAddr,
+    /// Web origins whose pages may call the API besides the hub's own.
+    pub allowed_origins: Vec<String>,
     /// The agent endpoint's address (mutual TLS).
     pub agent_listen: SocketAddr,
     /// Names agents reach the hub by, for its server certificate.

@@ -49,6 +49,8 @@ pub struct Hub {
     pub replicas: ReplicaBus,
     /// Who may call the API (API tokens).
     pub auth: Arc<crate::api::auth::Authenticator>,
+    /// Web origins whose pages may call the API besides the hub's own.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Hub {
@@ -108,7 +110,10 @@ impl Hub {
         .await?
         .with_session_timing(config.sessions);
         hub.scheduler.set_settings(config.scheduler.clone());
-        Ok(hub)
+        Ok(Self {
+            allowed_origins: config.allowed_origins.clone(),
+            ..hub
+        })
     }
 
     pub fn with_store(store: Store, pki: Arc<Pki>) -> Self {
@@ -177,6 +182,7 @@ impl Hub {
             migration_events,
             replicas,
             auth,
+            allowed_origins: Vec::new(),
         }
     }
 
@@ -266,6 +272,7 @@ impl Hub {
             store: self.store.clone(),
             metrics: server::metrics_handle(),
             auth,
+            allowed_origins: self.allowed_origins.clone(),
         }))
     }
 

@@ -124,6 +124,16 @@ struct ServeArgs {
         global = true
     )]
     listen: SocketAddr,
+    /// A web origin (scheme://host[:port]) whose pages may call the API, e.g. a console served
+    /// elsewhere; repeat for more. Requests from other origins are refused (the hub's own
+    /// GraphiQL and clients that are not browsers are always let through).
+    #[arg(
+        long = "allowed-origin",
+        env = "DROVER_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
+    allowed_origins: Vec<String>,
     /// Address of the agent endpoint (mutual TLS).
     #[arg(
         long,
@@ -283,6 +293,7 @@ impl Cli {
                 lease: Duration::from_secs(db.lease_secs),
             },
             listen: serve.listen,
+            allowed_origins: serve.allowed_origins.clone(),
             agent_listen: serve.agent_listen,
             agent_server_names: serve.agent_server_names.clone(),
             sessions: serve.session_timing()?,

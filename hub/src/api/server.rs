@@ -32,6 +32,55 @@ pub struct App {
     /// Who may call the API; `None` turns authentication off (only benchmarks do, to measure
     /// what it costs).
     pub auth: Option<Arc<crate::api::auth::Authenticator>>,
+    /// Web origins (`https://console.example.com`) whose pages may call the API besides the
+    /// hub's own (GraphiQL); requests without an Origin (not from a browser) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Whether a browser request from `origin` may call the API: no Origin (not a browser), the
+/// hub's own pages (the origin's host is the request's Host), or an allowed origin.
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+/// The refusal of a cross-site request, or None.
+fn cross_site(headers: &HeaderMap, allowed: &[String]) -> Option<Response> {
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let origin = value(header::ORIGIN);
+    if origin_allowed(origin, value(header::HOST), allowed) {
+        return None;
+    }
+    metrics::counter!("drover_graphql_requests_total", "result" => "rejected").increment(1);
+    tracing::warn!(
+        origin = origin.unwrap_or_default(),
+        "refused a cross-site API request"
+    );
+    Some(graphql_error(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        format!(
+            "requests from the web origin {} are not allowed; start the hub with --allowed-origin {} to let its pages call the API",
+            origin.unwrap_or_default(),
+            origin.unwrap_or_default()
+        ),
+    ))
 }
 
 impl App {
@@ -109,11 +158,18 @@ fn graphql_error(status: StatusCode, code: ErrorCode, message: String) -> Respon
 /// one is closed with the reason.
 async fn subscriptions(
     State(AppState(app)): State<AppState>,
+    headers: HeaderMap,
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    if let Some(refused) = cross_site(&headers, &app.allowed_origins) {
+        return refused;
+    }
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        // The same size limit as a POST body; depth and complexity are the schema's own.
+        .max_message_size(MAX_REQUEST_BYTES)
+        .max_frame_size(MAX_REQUEST_BYTES)
         .on_upgrade(move |stream| {
             let schema = app.schema.clone();
             GraphQLWebSocket::new(stream, schema, protocol)
@@ -144,6 +200,24 @@ async fn graphql(
     body: Body,
 ) -> Response {
     let started = Instant::now();
+    if let Some(refused) = cross_site(&headers, &app.allowed_origins) {
+        return refused;
+    }
+    // Only JSON bodies: a web page can send a form or text/plain to any site without asking
+    // first, never application/json.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        metrics::counter!("drover_graphql_requests_total", "result" => "rejected").increment(1);
+        return graphql_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadUserInput,
+            "POST /graphql takes a JSON body: send Content-Type: application/json".into(),
+        );
+    }
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
         Err(_) => {
@@ -224,4 +298,38 @@ async fn render_metrics(State(AppState(app)): State<AppState>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_hubs_own_pages_and_allowed_origins_are_let_through() {
+        let allowed = vec!["https://console.example.com".to_owned()];
+        assert!(
+            origin_allowed(None, Some("hub:8080"), &allowed),
+            "not a browser"
+        );
+        assert!(
+            origin_allowed(Some("http://hub:8080"), Some("hub:8080"), &allowed),
+            "GraphiQL"
+        );
+        assert!(origin_allowed(
+            Some("https://console.example.com/"),
+            Some("hub:8080"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            Some("https://evil.example"),
+            Some("hub:8080"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            Some("http://hub:8080.evil.example"),
+            Some("hub:8080"),
+            &allowed
+        ));
+        assert!(!origin_allowed(Some("null"), Some("hub:8080"), &allowed));
+    }
 }
