@@ -19,7 +19,7 @@ pub async fn join(hub: &TestHub, base: &str, cluster: &str, dir: &Path) -> Arc<A
     let token = hub
         .hub
         .identities
-        .create_join_token(&cluster, Duration::from_secs(600), "test")
+        .create_join_token(&cluster, Duration::from_secs(600), "test", false)
         .await
         .unwrap();
     Arc::new(

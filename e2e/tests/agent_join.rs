@@ -180,7 +180,12 @@ async fn tokens_for_another_cluster_expired_or_malformed_are_refused() {
         .hub
         .hub
         .identities
-        .create_join_token(&ClusterName::new("east-2").unwrap(), Duration::ZERO, "test")
+        .create_join_token(
+            &ClusterName::new("east-2").unwrap(),
+            Duration::ZERO,
+            "test",
+            false,
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -374,4 +379,67 @@ async fn an_agent_renews_its_certificate_and_recovers_an_interrupted_renewal() {
     e.hub.hub.identities.revoke_cluster(&cluster).await.unwrap();
     let err = identity.renew(dir.path(), &e.base).await.unwrap_err();
     assert!(err.to_string().contains("revoked"), "{err}");
+}
+
+/// A cluster that has an identity gets a new agent only through a token made to replace it:
+/// a plain token is refused (saying how to ask for a replacement), a replacement token's join
+/// revokes the old agent's certificate, and the replacement is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_cluster_takes_a_new_agent_only_through_a_replacement_token() {
+    let e = endpoint("join_replace").await;
+    let (old, old_key) = joined_agent(&e, "east-1").await;
+    let old_agent = agent_client(&old.ca, &old.certificate, &old_key);
+    assert_eq!(identity_status(&old_agent, &e).await, Ok(200));
+
+    let refused = e
+        .hub
+        .gql(
+            r#"mutation { createJoinToken(cluster: "east-1") { token } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        drover_e2e::testbed::error_code(&refused).as_deref(),
+        Some("CONFLICT"),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("replace: true"), "{refused}");
+
+    let d = e
+        .hub
+        .data(
+            r#"mutation { createJoinToken(cluster: "east-1", replace: true) { token } }"#,
+            json!({}),
+        )
+        .await;
+    let token = d["createJoinToken"]["token"].as_str().unwrap().to_owned();
+    let (csr, key) = new_csr();
+    let resp = join(&e, "east-1", &token, &csr).await;
+    assert_eq!(resp.status(), 200);
+    let new: JoinResponse = resp.json().await.unwrap();
+    let new_agent = agent_client(&new.ca, &new.certificate, &key);
+    assert_eq!(identity_status(&new_agent, &e).await, Ok(200));
+    assert_eq!(
+        identity_status(&old_agent, &e).await,
+        Ok(403),
+        "the replaced agent's certificate is revoked"
+    );
+
+    let rows = drover_hub::store::clusters::audit_rows(&e.hub.hub.store)
+        .await
+        .unwrap();
+    let actions: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r.action.as_str(), r.result.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("createJoinToken", "ok"),
+            ("createJoinToken", "refused"),
+            ("createJoinToken", "ok"),
+            ("replaceAgentIdentity", "ok"),
+        ],
+        "{rows:?}"
+    );
 }

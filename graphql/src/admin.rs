@@ -170,13 +170,15 @@ impl From<ReadError> for AdminError {
 
 #[async_trait]
 pub trait FleetAdmin: Send + Sync + 'static {
-    /// Creates a one-time token with which the agent of `cluster` joins the hub.
+    /// Creates a one-time token with which the agent of `cluster` joins the hub; refused when
+    /// the cluster has an identity, unless `replace` (redeeming it then revokes that identity).
     async fn create_join_token(
         &self,
         cluster: &ClusterName,
         ttl: Duration,
+        replace: bool,
         actor: &str,
-    ) -> Result<JoinTokenRecord, ReadError>;
+    ) -> Result<JoinTokenRecord, AdminError>;
 
     /// Removes a cluster from the fleet: revokes its agent's certificates, ends its session and
     /// forgets its inventory. Refused while migrations to or from it are in flight.

@@ -1239,12 +1239,16 @@ impl AdminMutation {
     }
 
     /// Creates a one-time, expiring token with which the agent of `cluster` joins the hub.
+    /// Refused (CONFLICT) when the cluster already has an agent identity, unless `replace`:
+    /// the agent that joins with a replacement token takes the identity over, and the current
+    /// agent's certificates are revoked.
     #[graphql(guard = "crate::access::RoleGuard(crate::access::Role::Admin)")]
     async fn create_join_token(
         &self,
         ctx: &Context<'_>,
         cluster: String,
         #[graphql(default = 3600)] ttl_seconds: i32,
+        #[graphql(default = false)] replace: bool,
     ) -> Result<JoinToken> {
         let cluster = ClusterName::new(cluster).map_err(ApiError::from)?;
         if !(60..=7 * 86_400).contains(&ttl_seconds) {
@@ -1258,6 +1262,7 @@ impl AdminMutation {
             .create_join_token(
                 &cluster,
                 std::time::Duration::from_secs(ttl_seconds as u64),
+                replace,
                 &crate::access::actor(ctx),
             )
             .await

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::agents::identity::{Identities, JoinError};
+use crate::agents::identity::{Identities, JoinError, Joined};
 use crate::agents::sessions::Sessions;
 
 /// How long a client may take over its TLS handshake.
@@ -251,11 +251,31 @@ async fn join(
         Err(e) => return error(StatusCode::BAD_REQUEST, "INVALID_NAME", e.to_string()),
     };
     match state.identities.join(&cluster, &req.token, &req.csr).await {
-        Ok(issued) => Json(JoinResponse {
-            certificate: issued.pem,
-            ca: state.identities.pki().ca_pem().to_owned(),
-        })
-        .into_response(),
+        Ok(Joined { issued, revoked }) => {
+            if revoked > 0 {
+                // The replaced agent's session ends; its certificates no longer connect.
+                state
+                    .sessions
+                    .end(&cluster, "its identity was replaced by a new agent's join");
+                if let Err(e) = crate::store::clusters::audit(
+                    state.identities.store(),
+                    &format!("agent:{cluster}"),
+                    "replaceAgentIdentity",
+                    cluster.as_str(),
+                    "ok",
+                    serde_json::json!({"revokedCertificates": revoked, "serial": issued.serial, "peer": peer.addr.to_string()}),
+                )
+                .await
+                {
+                    tracing::error!(error = %e, %cluster, "writing the audit log failed");
+                }
+            }
+            Json(JoinResponse {
+                certificate: issued.pem,
+                ca: state.identities.pki().ca_pem().to_owned(),
+            })
+            .into_response()
+        }
         Err(e @ JoinError::TokenRefused) => {
             tracing::warn!(peer = %peer.addr, %cluster, "join refused");
             error(StatusCode::UNAUTHORIZED, "TOKEN_REFUSED", e.to_string())

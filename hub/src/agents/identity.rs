@@ -32,6 +32,23 @@ pub enum JoinError {
     Store(#[from] StoreError),
 }
 
+/// Why no join token was made.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinTokenError {
+    #[error("cluster {0} already has an agent identity; to move it to another agent, create a replacement token (createJoinToken with replace: true): the current agent's certificates are revoked when the new one joins")]
+    IdentityExists(ClusterName),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A join that went through: the certificate, and how many certificates of the identity it
+/// replaced were revoked.
+#[derive(Debug)]
+pub struct Joined {
+    pub issued: IssuedCertificate,
+    pub revoked: u64,
+}
+
 /// A join token as handed to the operator, once: only its hash is stored.
 #[derive(Debug, Clone)]
 pub struct NewJoinToken {
@@ -81,6 +98,10 @@ impl Identities {
         Self { store, pki }
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn pki(&self) -> &Pki {
         &self.pki
     }
@@ -91,10 +112,14 @@ impl Identities {
         cluster: &ClusterName,
         ttl: Duration,
         created_by: &str,
-    ) -> Result<NewJoinToken, StoreError> {
+        replace: bool,
+    ) -> Result<NewJoinToken, JoinTokenError> {
         let secret_bytes: [u8; 32] = rand::random();
         let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_bytes);
         let now = self.store.clock.now();
+        if !replace && rows::has_identity(&self.store.db, cluster, now).await? {
+            return Err(JoinTokenError::IdentityExists(cluster.clone()));
+        }
         let expires_at =
             now + chrono::Duration::from_std(ttl.min(MAX_TOKEN_TTL)).unwrap_or_default();
         rows::insert_join_token(
@@ -104,6 +129,7 @@ impl Identities {
             expires_at,
             created_by,
             now,
+            replace,
         )
         .await?;
         let ca_sha256 = self.pki.ca_sha256();
@@ -121,26 +147,35 @@ impl Identities {
         cluster: &ClusterName,
         token: &str,
         csr_pem: &str,
-    ) -> Result<IssuedCertificate, JoinError> {
+    ) -> Result<Joined, JoinError> {
         let parts = JoinTokenParts::parse(token).ok_or_else(|| {
             tracing::warn!(%cluster, "join refused: malformed token");
             JoinError::TokenRefused
         })?;
         // A bad CSR rolls the redemption back: the operator's token is not wasted.
-        let issued = rows::redeem_join_token(&self.store, cluster, &hash_secret(&parts.secret), || {
-            let issued = self
-                .pki
-                .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
-            let record = certificate_record(&issued);
-            Ok::<_, JoinError>((issued, record))
-        })
-        .await?
-        .ok_or_else(|| {
-            tracing::warn!(%cluster, "join refused: token unknown, expired, used or for another cluster");
-            JoinError::TokenRefused
-        })?;
-        tracing::info!(%cluster, serial = %issued.serial, "agent joined");
-        Ok(issued)
+        let redemption =
+            rows::redeem_join_token(&self.store, cluster, &hash_secret(&parts.secret), || {
+                let issued =
+                    self.pki
+                        .issue_agent_certificate(csr_pem, cluster, AGENT_CERT_VALIDITY)?;
+                let record = certificate_record(&issued);
+                Ok::<_, JoinError>((issued, record))
+            })
+            .await?;
+        match redemption {
+            rows::Redemption::Joined { issued, revoked } => {
+                tracing::info!(%cluster, serial = %issued.serial, replaced_certificates = revoked, "agent joined");
+                Ok(Joined { issued, revoked })
+            }
+            rows::Redemption::Refused => {
+                tracing::warn!(%cluster, "join refused: token unknown, expired, used or for another cluster");
+                Err(JoinError::TokenRefused)
+            }
+            rows::Redemption::IdentityExists => {
+                tracing::warn!(%cluster, "join refused: the cluster already has an agent identity and the token does not replace it (createJoinToken with replace: true)");
+                Err(JoinError::TokenRefused)
+            }
+        }
     }
 
     /// Issues a fresh certificate for an agent that already holds a valid one (renewal before

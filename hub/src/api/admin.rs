@@ -413,23 +413,31 @@ impl FleetAdmin for HubAdmin {
         &self,
         cluster: &ClusterName,
         ttl: Duration,
+        replace: bool,
         actor: &str,
-    ) -> Result<JoinTokenRecord, ReadError> {
+    ) -> Result<JoinTokenRecord, AdminError> {
+        use crate::agents::identity::JoinTokenError;
         let result = self
             .identities
-            .create_join_token(cluster, ttl, actor)
-            .await
-            .map_err(store_err);
-        let outcome = if result.is_ok() { "ok" } else { "error" };
+            .create_join_token(cluster, ttl, actor, replace)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(JoinTokenError::IdentityExists(_)) => "refused",
+            Err(_) => "error",
+        };
         self.audit(
             actor,
             "createJoinToken",
             cluster.as_str(),
             outcome,
-            json!({ "ttlSeconds": ttl.as_secs() }),
+            json!({ "ttlSeconds": ttl.as_secs(), "replace": replace }),
         )
         .await;
-        let t = result?;
+        let t = result.map_err(|e| match e {
+            e @ JoinTokenError::IdentityExists(_) => AdminError::Conflict(e.to_string()),
+            JoinTokenError::Store(e) => AdminError::Read(store_err(e)),
+        })?;
         Ok(JoinTokenRecord {
             token: t.token,
             cluster: t.cluster.to_string(),

@@ -243,6 +243,8 @@ pub mod join_token {
         pub used_at: Option<DateTimeUtc>,
         pub created_by: String,
         pub created_at: DateTimeUtc,
+        /// Redeeming it revokes the cluster's current identity (an admin asked for that).
+        pub replaces_identity: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -29,8 +29,10 @@ pub async fn insert_join_token(
     expires_at: DateTime<Utc>,
     created_by: &str,
     created_at: DateTime<Utc>,
+    replaces_identity: bool,
 ) -> Result<(), StoreError> {
     join_token::Entity::insert(join_token::ActiveModel {
+        replaces_identity: Set(replaces_identity),
         id: Set(Uuid::now_v7()),
         cluster_name: Set(cluster.to_string()),
         token_hash: Set(token_hash),
@@ -44,21 +46,71 @@ pub async fn insert_join_token(
     Ok(())
 }
 
-/// In one transaction: marks `cluster`'s unused, unexpired token with hash `token_hash` used,
-/// then runs `issue` and records the certificate it returns. `Ok(None)` when no such token was
-/// there to redeem; when `issue` fails, the redemption is rolled back (the token stays usable)
-/// and its error returned.
+/// What redeeming a join token did.
+#[derive(Debug)]
+pub enum Redemption<T> {
+    /// Joined; `revoked` certificates of a replaced identity were revoked.
+    Joined { issued: T, revoked: u64 },
+    /// No such unused, unexpired token for this cluster.
+    Refused,
+    /// The cluster has an identity and the token was not made to replace it.
+    IdentityExists,
+}
+
+/// Whether `cluster` has an identity: an unrevoked certificate that has not expired.
+pub async fn has_identity(
+    db: &impl ConnectionTrait,
+    cluster: &ClusterName,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    Ok(agent_certificate::Entity::find()
+        .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
+        .filter(agent_certificate::Column::RevokedAt.is_null())
+        .filter(agent_certificate::Column::NotAfter.gt(now))
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// In one transaction: marks `cluster`'s unused, unexpired token with hash `token_hash` used
+/// (refused when the cluster has an identity the token was not made to replace; a replacing
+/// token revokes it), then runs `issue` and records the certificate it returns. When `issue`
+/// fails, the redemption is rolled back (the token stays usable) and its error returned.
 pub async fn redeem_join_token<T, E>(
     store: &Store,
     cluster: &ClusterName,
     token_hash: &str,
     issue: impl FnOnce() -> Result<(T, CertificateRecord), E>,
-) -> Result<Option<T>, E>
+) -> Result<Redemption<T>, E>
 where
     E: From<StoreError>,
 {
     let now = store.clock.now();
     let tx = store.db.begin().await.map_err(StoreError::from)?;
+    let Some(token) = join_token::Entity::find()
+        .filter(join_token::Column::TokenHash.eq(token_hash))
+        .filter(join_token::Column::ClusterName.eq(cluster.as_str()))
+        .filter(join_token::Column::UsedAt.is_null())
+        .filter(join_token::Column::ExpiresAt.gt(now))
+        .one(&tx)
+        .await
+        .map_err(StoreError::from)?
+    else {
+        return Ok(Redemption::Refused);
+    };
+    let mut revoked = 0;
+    if token.replaces_identity {
+        revoked = agent_certificate::Entity::update_many()
+            .col_expr(agent_certificate::Column::RevokedAt, Some(now).into())
+            .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
+            .filter(agent_certificate::Column::RevokedAt.is_null())
+            .exec(&tx)
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected;
+    } else if has_identity(&tx, cluster, now).await? {
+        return Ok(Redemption::IdentityExists);
+    }
     let redeemed = join_token::Entity::update_many()
         .col_expr(join_token::Column::UsedAt, Some(now).into())
         .filter(join_token::Column::TokenHash.eq(token_hash))
@@ -69,14 +121,14 @@ where
         .await
         .map_err(StoreError::from)?;
     if redeemed.rows_affected != 1 {
-        return Ok(None);
+        return Ok(Redemption::Refused);
     }
     let (issued, record) = issue()?;
     insert_certificate(&tx, cluster, record, store.clock.now())
         .await
         .map_err(StoreError::from)?;
     tx.commit().await.map_err(StoreError::from)?;
-    Ok(Some(issued))
+    Ok(Redemption::Joined { issued, revoked })
 }
 
 /// Records an issued certificate, so that it can be checked and revoked.

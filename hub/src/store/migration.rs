@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0003Scheduling),
             Box::new(M0004DriverLeases),
             Box::new(M0005ApiTokens),
+            Box::new(M0006JoinTokenReplaces),
         ]
     }
 }
@@ -635,6 +636,39 @@ impl MigrationTrait for M0005ApiTokens {
                 .col(string_len(a("role"), 16))
                 .col(timestamp_with_time_zone(a("created_at")))
                 .col(timestamp_with_time_zone_null(a("revoked_at")))
+                .to_owned(),
+        )
+        .await
+    }
+}
+
+/// A join token may replace a cluster's identity (the admin asked for it): redeeming it revokes
+/// the cluster's certificates. Other tokens are refused for a cluster that has one.
+pub struct M0006JoinTokenReplaces;
+
+impl MigrationName for M0006JoinTokenReplaces {
+    fn name(&self) -> &str {
+        "m0006_join_token_replaces"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0006JoinTokenReplaces {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(a("join_tokens"))
+                .add_column(boolean(a("replaces_identity")).default(false))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(a("join_tokens"))
+                .drop_column(a("replaces_identity"))
                 .to_owned(),
         )
         .await
