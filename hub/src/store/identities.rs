@@ -87,30 +87,8 @@ where
 {
     let now = store.clock.now();
     let tx = store.db.begin().await.map_err(StoreError::from)?;
-    let Some(token) = join_token::Entity::find()
-        .filter(join_token::Column::TokenHash.eq(token_hash))
-        .filter(join_token::Column::ClusterName.eq(cluster.as_str()))
-        .filter(join_token::Column::UsedAt.is_null())
-        .filter(join_token::Column::ExpiresAt.gt(now))
-        .one(&tx)
-        .await
-        .map_err(StoreError::from)?
-    else {
-        return Ok(Redemption::Refused);
-    };
-    let mut revoked = 0;
-    if token.replaces_identity {
-        revoked = agent_certificate::Entity::update_many()
-            .col_expr(agent_certificate::Column::RevokedAt, Some(now).into())
-            .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
-            .filter(agent_certificate::Column::RevokedAt.is_null())
-            .exec(&tx)
-            .await
-            .map_err(StoreError::from)?
-            .rows_affected;
-    } else if has_identity(&tx, cluster, now).await? {
-        return Ok(Redemption::IdentityExists);
-    }
+    // Claim the token first: the transaction writes at once (on SQLite a read that later
+    // writes could be refused as "database is locked" when another writer came in between).
     let redeemed = join_token::Entity::update_many()
         .col_expr(join_token::Column::UsedAt, Some(now).into())
         .filter(join_token::Column::TokenHash.eq(token_hash))
@@ -122,6 +100,26 @@ where
         .map_err(StoreError::from)?;
     if redeemed.rows_affected != 1 {
         return Ok(Redemption::Refused);
+    }
+    let replaces = join_token::Entity::find()
+        .filter(join_token::Column::TokenHash.eq(token_hash))
+        .one(&tx)
+        .await
+        .map_err(StoreError::from)?
+        .is_some_and(|t| t.replaces_identity);
+    let mut revoked = 0;
+    if replaces {
+        revoked = agent_certificate::Entity::update_many()
+            .col_expr(agent_certificate::Column::RevokedAt, Some(now).into())
+            .filter(agent_certificate::Column::ClusterName.eq(cluster.as_str()))
+            .filter(agent_certificate::Column::RevokedAt.is_null())
+            .exec(&tx)
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected;
+    } else if has_identity(&tx, cluster, now).await? {
+        // Rolled back: the token stays unused.
+        return Ok(Redemption::IdentityExists);
     }
     let (issued, record) = issue()?;
     insert_certificate(&tx, cluster, record, store.clock.now())
