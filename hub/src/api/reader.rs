@@ -10,9 +10,7 @@ use drover_graphql::model::*;
 use drover_graphql::{FleetReader, ReadError};
 use uuid::Uuid;
 
-use crate::store::fleet::{
-    ClusterRow, FleetRows, MigrationRow, NodeRow, NodeTotals, ReadFailure, VmRow,
-};
+use crate::store::fleet::{FleetRows, NodeTotals, ReadFailure};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -32,93 +30,6 @@ fn read_err(e: ReadFailure) -> ReadError {
     match e {
         ReadFailure::Unavailable(m) => ReadError::Unavailable(m),
         ReadFailure::Internal(m) => ReadError::Internal(m),
-    }
-}
-
-fn cluster_record(m: ClusterRow) -> ClusterRecord {
-    ClusterRecord {
-        id: m.id,
-        name: m.name,
-        runtime: m.runtime,
-        platform_version: m.platform_version,
-        virtualization_version: m.virtualization_version,
-        cpu_models: m.cpu_models,
-        feature_gates: m.feature_gates,
-        migration_config: m.migration_config,
-        storage_classes: m.storage_classes,
-        networks: m.networks,
-        sync_endpoint: m.sync_endpoint,
-        health: m.health,
-        last_heartbeat_at: m.last_heartbeat_at,
-        maintenance: m.maintenance,
-        maintenance_since: m.maintenance_since,
-        inventory_generation: m.inventory_generation,
-        created_at: m.created_at,
-        updated_at: m.updated_at,
-    }
-}
-
-fn node_record(m: NodeRow) -> NodeRecord {
-    NodeRecord {
-        id: m.id,
-        cluster_id: m.cluster_id,
-        name: m.name,
-        cpu_model: m.cpu_model,
-        allocatable_memory_bytes: m.allocatable_memory_bytes,
-        allocatable_cpu_millis: m.allocatable_cpu_millis,
-        requested_memory_bytes: m.requested_memory_bytes,
-        requested_cpu_millis: m.requested_cpu_millis,
-        schedulable: m.schedulable,
-        labels: m.labels,
-    }
-}
-
-fn vm_record(m: VmRow) -> VmRecord {
-    VmRecord {
-        id: m.id,
-        cluster_id: m.cluster_id,
-        namespace: m.namespace,
-        name: m.name,
-        uid: m.uid,
-        run_strategy: m.run_strategy,
-        phase: m.phase,
-        node: m.node,
-        memory_bytes: m.memory_bytes,
-        vcpus: m.vcpus,
-        disks: m.disks,
-        interfaces: m.interfaces,
-        migratable: m.migratable,
-        non_migratable_reasons: m.non_migratable_reasons,
-        generation: m.generation,
-        updated_at: m.updated_at,
-    }
-}
-
-fn migration_record(m: MigrationRow) -> MigrationRecord {
-    MigrationRecord {
-        id: m.id,
-        vm_namespace: m.vm_namespace,
-        vm_name: m.vm_name,
-        vm_uid: m.vm_uid,
-        source_cluster_id: m.source_cluster_id,
-        target_cluster_id: m.target_cluster_id,
-        source_cluster_name: m.source_cluster_name,
-        target_cluster_name: m.target_cluster_name,
-        target_namespace: m.target_namespace,
-        phase: m.phase,
-        phase_timestamps: m.phase_timestamps,
-        bytes_total: m.bytes_total,
-        bytes_transferred: m.bytes_transferred,
-        bytes_remaining: m.bytes_remaining,
-        dirty_rate_bytes_per_sec: m.dirty_rate_bytes_per_sec,
-        throughput_bytes_per_sec: m.throughput_bytes_per_sec,
-        failure_reason: m.failure_reason,
-        attempt: m.attempt,
-        evacuation_id: m.evacuation_id,
-        trace_id: m.trace_id,
-        requested_by: m.requested_by,
-        created_at: m.created_at,
-        updated_at: m.updated_at,
     }
 }
 
@@ -162,7 +73,6 @@ impl FleetReader for StoreReader {
         page: &PageRequest,
     ) -> Result<Page<ClusterRecord>, ReadError> {
         let rows = self.rows.clusters(filter, page).await.map_err(read_err)?;
-        let rows = rows.into_iter().map(cluster_record).collect();
         Ok(Page::from_overfetch(rows, page.first))
     }
 
@@ -177,7 +87,6 @@ impl FleetReader for StoreReader {
             .await
             .map_err(read_err)?
             .into_iter()
-            .map(cluster_record)
             .collect())
     }
 
@@ -188,7 +97,6 @@ impl FleetReader for StoreReader {
             .await
             .map_err(read_err)?
             .into_iter()
-            .map(cluster_record)
             .collect())
     }
 
@@ -203,7 +111,6 @@ impl FleetReader for StoreReader {
             .await
             .map_err(read_err)?
             .into_iter()
-            .map(node_record)
             .collect())
     }
 
@@ -227,7 +134,6 @@ impl FleetReader for StoreReader {
         page: &PageRequest,
     ) -> Result<Page<VmRecord>, ReadError> {
         let rows = self.rows.vms(filter, page).await.map_err(read_err)?;
-        let rows: Vec<VmRecord> = rows.into_iter().map(vm_record).collect();
         Ok(Page::from_overfetch(rows, page.first))
     }
 
@@ -247,7 +153,7 @@ impl FleetReader for StoreReader {
             .await
             .map_err(read_err)?;
         let mut grouped: HashMap<Uuid, Vec<VmRecord>> = HashMap::new();
-        for v in rows.into_iter().map(vm_record) {
+        for v in rows {
             grouped.entry(v.cluster_id).or_default().push(v);
         }
         Ok(grouped
@@ -276,12 +182,10 @@ impl FleetReader for StoreReader {
         namespace: &str,
         name: &str,
     ) -> Result<Option<VmRecord>, ReadError> {
-        Ok(self
-            .rows
+        self.rows
             .vm_by_ref(cluster_id, namespace, name)
             .await
-            .map_err(read_err)?
-            .map(vm_record))
+            .map_err(read_err)
     }
 
     async fn vm_labels(&self, vm_ids: &[Uuid]) -> Result<Vec<(Uuid, String, String)>, ReadError> {
@@ -294,7 +198,6 @@ impl FleetReader for StoreReader {
         page: &PageRequest,
     ) -> Result<Page<MigrationRecord>, ReadError> {
         let rows = self.rows.migrations(filter, page).await.map_err(read_err)?;
-        let rows = rows.into_iter().map(migration_record).collect();
         Ok(Page::from_overfetch(rows, page.first))
     }
 
@@ -305,7 +208,6 @@ impl FleetReader for StoreReader {
             .await
             .map_err(read_err)?
             .into_iter()
-            .map(migration_record)
             .collect())
     }
 }

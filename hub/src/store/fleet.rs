@@ -5,11 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
 use drover_graphql::model::{ClusterFilter, MigrationFilter, PageRequest, VmFilter};
 use drover_shared::inventory::{
-    ClusterHealth, ClusterInfo, Disk, Interface, MigrationConfig, MigrationPhase, NodeInfo,
-    RunStrategy, RuntimeKind, StorageClass, VmInfo, VmPhase,
+    ClusterHealth, ClusterInfo, MigrationPhase, NodeInfo, RunStrategy, RuntimeKind, VmInfo, VmPhase,
 };
 use drover_shared::{ClusterName, Namespace, VmName, VmRef};
 use sea_orm::{
@@ -217,92 +215,17 @@ fn get<T: sea_orm::TryGetable>(row: &QueryResult, col: &str) -> Result<T, ReadFa
     row.try_get("", col).map_err(db_err)
 }
 
-/// A cluster row, decoded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClusterRow {
-    pub id: Uuid,
-    pub name: String,
-    pub runtime: RuntimeKind,
-    pub platform_version: String,
-    pub virtualization_version: String,
-    pub cpu_models: Vec<String>,
-    pub feature_gates: Vec<String>,
-    pub migration_config: MigrationConfig,
-    pub storage_classes: Vec<StorageClass>,
-    pub networks: Vec<String>,
-    pub sync_endpoint: Option<String>,
-    pub health: ClusterHealth,
-    pub last_heartbeat_at: Option<DateTime<Utc>>,
-    pub maintenance: bool,
-    pub maintenance_since: Option<DateTime<Utc>>,
-    pub inventory_generation: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
+/// A cluster row, decoded: the API reader's record as it is.
+pub type ClusterRow = drover_graphql::model::ClusterRecord;
 
-/// A node row, decoded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeRow {
-    pub id: Uuid,
-    pub cluster_id: Uuid,
-    pub name: String,
-    pub cpu_model: String,
-    pub allocatable_memory_bytes: i64,
-    pub allocatable_cpu_millis: i64,
-    pub requested_memory_bytes: i64,
-    pub requested_cpu_millis: i64,
-    pub schedulable: bool,
-    pub labels: BTreeMap<String, String>,
-}
+/// A node row, decoded: the API reader's record as it is.
+pub type NodeRow = drover_graphql::model::NodeRecord;
 
-/// A virtual machine row, decoded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VmRow {
-    pub id: Uuid,
-    pub cluster_id: Uuid,
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub run_strategy: RunStrategy,
-    pub phase: VmPhase,
-    pub node: Option<String>,
-    pub memory_bytes: i64,
-    pub vcpus: i32,
-    pub disks: Vec<Disk>,
-    pub interfaces: Vec<Interface>,
-    pub migratable: bool,
-    pub non_migratable_reasons: Vec<String>,
-    pub generation: i64,
-    pub updated_at: DateTime<Utc>,
-}
+/// A vm row, decoded: the API reader's record as it is.
+pub type VmRow = drover_graphql::model::VmRecord;
 
-/// A migration row, decoded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MigrationRow {
-    pub id: Uuid,
-    pub vm_namespace: String,
-    pub vm_name: String,
-    pub vm_uid: String,
-    pub source_cluster_id: Option<Uuid>,
-    pub target_cluster_id: Option<Uuid>,
-    pub source_cluster_name: String,
-    pub target_cluster_name: String,
-    pub target_namespace: String,
-    pub phase: MigrationPhase,
-    pub phase_timestamps: BTreeMap<String, DateTime<Utc>>,
-    pub bytes_total: i64,
-    pub bytes_transferred: i64,
-    pub bytes_remaining: i64,
-    pub dirty_rate_bytes_per_sec: i64,
-    pub throughput_bytes_per_sec: i64,
-    pub failure_reason: Option<String>,
-    pub attempt: i32,
-    pub evacuation_id: Option<Uuid>,
-    pub trace_id: Option<String>,
-    pub requested_by: String,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
+/// A migration row, decoded: the API reader's record as it is.
+pub type MigrationRow = drover_graphql::model::MigrationRecord;
 
 /// Node count and summed capacity of a set of nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -415,30 +415,7 @@ async fn qemu_img_output(
 }
 
 async fn run_qemu_img(qemu_img: &Path, args: &[OsString], timeout: Duration) -> Result<(), String> {
-    let run = tokio::process::Command::new(qemu_img)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(timeout, run).await {
-        Err(_) => return Err(format!("qemu-img did not finish within {timeout:?}")),
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot run {}: {e}; install qemu-img (Debian: qemu-utils) or configure its path",
-                qemu_img.display()
-            ))
-        }
-        Ok(Ok(output)) => output,
-    };
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
+    qemu_img_output(qemu_img, args, timeout).await.map(drop)
 }
 
 #[cfg(test)]
